@@ -1,0 +1,52 @@
+"""Small linear-algebra helpers shared by the engine and the methods."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Gramian is accumulated in: float32 for half precisions, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def gramian_from_blocks(blocks: Sequence[Tensor]) -> Tensor:
+    """G = sum_b J_b J_b^T over column blocks J_b (each T x ...), without concatenating them.
+
+    Accumulated in float32 for half-precision blocks (else in the blocks' dtype); if float32
+    overflows (rows near 1e20 and beyond), it is recomputed in float64.
+    """
+    if not blocks:
+        raise ValueError("gramian_from_blocks needs at least one block")
+    dtype = gram_dtype(blocks[0].dtype)
+    gramian = _accumulate(blocks, dtype)
+    if dtype != torch.float64 and not bool(torch.isfinite(gramian).all()):
+        gramian = _accumulate(blocks, torch.float64)
+    return gramian
+
+
+def _accumulate(blocks: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    gramian = None
+    for block in blocks:
+        flat = block.reshape(block.shape[0], -1).to(dtype)
+        term = flat @ flat.T
+        gramian = term if gramian is None else gramian + term
+    assert gramian is not None
+    return gramian
+
+
+def gramian_of(jacobian: Tensor) -> Tensor:
+    """G = J J^T for one matrix J (T x P); see :func:`gramian_from_blocks`."""
+    return gramian_from_blocks([jacobian])
+
+
+def normalized_gramian(gramian: Tensor) -> Tensor:
+    """The cosine matrix G_ij / (||g_i|| ||g_j||); rows with zero norm give zeros, never NaN."""
+    norms = gramian.diagonal().clamp_min(0).sqrt()
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    cos = gramian / safe[:, None] / safe[None, :]
+    zero = norms == 0
+    return cos.masked_fill(zero[:, None] | zero[None, :], 0.0)

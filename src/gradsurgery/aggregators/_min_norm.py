@@ -1,0 +1,122 @@
+"""Min-norm point of the convex hull of the task gradients, from their Gramian alone.
+
+Solves  min_{a in simplex} a^T G a  (the squared norm of sum_i a_i g_i) with:
+
+* :func:`line_solver`: the two-point closed form (Sener & Koltun 2018, Algorithm 1);
+* :func:`frank_wolfe`: their Frank-Wolfe solver (Algorithm 2), O(1/k) convergence;
+* :func:`exact`: Wolfe's (1976) nearest-point algorithm, a finite active-set method on the
+  Gramian, exact up to rounding and robust to singular G (duplicate or dependent gradients).
+
+Everything runs in float64 NumPy on T x T matrices: no P-sized work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def line_solver(v11: float, v12: float, v22: float) -> float:
+    """gamma in [0, 1] minimising ||gamma * u + (1 - gamma) * v||^2.
+
+    ``v11 = u.u``, ``v12 = u.v``, ``v22 = v.v`` (Algorithm 1 of Sener & Koltun 2018, with the
+    exact end points 1 and 0 where the reference code uses 0.999 and 0.001).
+    """
+    if v12 >= v11:
+        return 1.0
+    if v12 >= v22:
+        return 0.0
+    return float((v22 - v12) / (v11 + v22 - 2.0 * v12))
+
+
+def frank_wolfe(gramian: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -> tuple[np.ndarray, int]:
+    """Frank-Wolfe on the simplex (Algorithm 2 of Sener & Koltun 2018).
+
+    Starts from uniform weights; each iteration moves towards the vertex e_t with the smallest
+    (G a)_t by the exact line search of :func:`line_solver`, and stops when the weights change
+    by less than ``tol`` in l1 norm (the reference code's ``STOP_CRIT``) or after ``max_iter``
+    iterations. Two tasks are solved in closed form. Returns the weights and the iterations run.
+    """
+    n = gramian.shape[0]
+    if n == 1:
+        return np.ones(1), 0
+    if n == 2:
+        gamma = line_solver(gramian[0, 0], gramian[0, 1], gramian[1, 1])
+        return np.array([gamma, 1.0 - gamma]), 0
+    alpha = np.full(n, 1.0 / n)
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
+        grad = gramian @ alpha
+        t = int(np.argmin(grad))
+        v11 = gramian[t, t]
+        v12 = grad[t]
+        v22 = alpha @ grad
+        gamma = line_solver(v11, v12, v22)
+        step = -alpha
+        step[t] += 1.0
+        alpha = alpha + gamma * step
+        if gamma * np.abs(step).sum() < tol:
+            break
+    return alpha, it
+
+
+def exact(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | None = None) -> np.ndarray:
+    """The exact min-norm point of the convex hull, by Wolfe's nearest-point algorithm.
+
+    P. Wolfe, "Finding the nearest point in a polytope", Math. Programming 11 (1976). The
+    points are only touched through G, so each iteration costs O(T^2 + |S|^3) for a corral S.
+    G is first scaled by its largest diagonal entry so the tolerances are relative.
+    """
+    n = gramian.shape[0]
+    scale = float(np.max(np.diag(gramian))) if n else 0.0
+    if n == 1 or not np.isfinite(scale) or scale <= 0.0:
+        return np.full(n, 1.0 / n)
+    g = gramian / scale
+    max_iter = 50 * n + 100 if max_iter is None else max_iter
+    first = int(np.argmin(np.diag(g)))
+    corral = [first]
+    lam = np.zeros(n)
+    lam[first] = 1.0
+    for _ in range(max_iter):
+        gx = g @ lam
+        xx = float(lam @ gx)
+        j = int(np.argmin(gx))
+        if gx[j] >= xx - tol or j in corral:  # no vertex gets closer: optimal
+            break
+        corral.append(j)
+        for _ in range(max_iter):  # minor cycles: keep the affine minimiser inside the hull
+            mu = _affine_minimizer(g[np.ix_(corral, corral)])
+            current = lam[corral]
+            if np.all(mu > tol):
+                lam[:] = 0.0
+                lam[corral] = mu
+                break
+            shrink = mu <= tol
+            gap = current[shrink] - mu[shrink]
+            ratios = np.where(gap > 0, current[shrink] / np.where(gap > 0, gap, 1.0), 0.0)
+            theta = float(np.clip(ratios.min(), 0.0, 1.0))
+            moved = current + theta * (mu - current)
+            moved[moved <= tol] = 0.0
+            keep = moved > 0
+            if keep.sum() == len(corral):  # rounding: drop the most negative component
+                keep[int(np.argmin(mu))] = False
+                moved[~keep] = 0.0
+            lam[:] = 0.0
+            corral = [c for c, k in zip(corral, keep) if k]
+            lam[corral] = moved[keep] / moved[keep].sum()
+            if len(corral) <= 1:
+                break
+    lam = np.clip(lam, 0.0, None)
+    return lam / lam.sum()
+
+
+def _affine_minimizer(g: np.ndarray) -> np.ndarray:
+    """argmin_mu mu^T g mu subject to sum(mu) = 1 (mu may be negative)."""
+    k = g.shape[0]
+    kkt = np.zeros((k + 1, k + 1))
+    kkt[:k, :k] = g
+    kkt[:k, k] = 1.0
+    kkt[k, :k] = 1.0
+    rhs = np.zeros(k + 1)
+    rhs[k] = 1.0
+    sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+    return sol[:k]

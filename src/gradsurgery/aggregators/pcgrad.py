@@ -1,0 +1,89 @@
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020, arXiv 2001.06782)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradsurgery.method import Weighting
+
+__all__ = ["PCGrad"]
+
+
+class PCGrad(Weighting):
+    r"""Gradient surgery by projecting conflicting gradients (Algorithm 1 of Yu et al. 2020).
+
+    Update rule, for each task i with g_i' = g_i and the other tasks j in a random order::
+
+        if g_i' . g_j < 0:   g_i' <- g_i' - (g_i' . g_j / ||g_j||^2) g_j
+
+    where g_j is always the *original* gradient of task j. The update is ``sum_i g_i'`` (the
+    sum, as in the authors' TensorFlow code; Pytorch-PCGrad's default is the mean).
+
+    Written as a weighting of the Gramian: g_i' = sum_k C_ik g_k, so g_i' . g_j = (C G)_ij and a
+    projection only changes C_ij; the weights are w = 1^T C and J is never needed. A task whose
+    gradient is zero is never projected on (no division by zero, no NaN).
+
+    Each task has its own random order of the other tasks, drawn from a ``torch.Generator``:
+    the same ``seed`` gives the same sequence of updates, and the generator state is part of
+    ``state_dict()`` so a resumed run continues the sequence exactly. With ``seed=None`` the
+    generator is seeded from torch's global RNG at construction.
+
+    Reference: Tianhe Yu, Saurabh Kumar, Abhishek Gupta, Sergey Levine, Karol Hausman, Chelsea
+    Finn. "Gradient Surgery for Multi-Task Learning". NeurIPS 2020. arXiv:2001.06782.
+    """
+
+    def __init__(self, seed: int | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if generator is None:
+            generator = torch.Generator()
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator.manual_seed(int(seed))
+        elif generator.device.type != "cpu":
+            raise ValueError("PCGrad needs a CPU torch.Generator (orders are drawn on the CPU)")
+        self.generator = generator
+
+    def orders(self, n: int) -> Tensor:
+        """Draw, for each task i, a random order of the other tasks: (n, n-1) int64 on the CPU."""
+        keys = torch.rand((n, n), generator=self.generator, dtype=torch.float64)
+        keys.fill_diagonal_(2.0)  # each task's own index sorts last and is dropped
+        return keys.argsort(dim=1)[:, : n - 1]
+
+    def forward(
+        self,
+        gramian: Tensor,
+        losses: Tensor | None = None,
+        tasks: tuple[str, ...] | None = None,
+    ) -> Tensor:
+        n = gramian.shape[0]
+        order = self.orders(n)
+        return project_weights(gramian, order)
+
+    def get_extra_state(self) -> dict:
+        return {"rng": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["rng"])
+
+
+def project_weights(gramian: Tensor, order: Tensor) -> Tensor:
+    """PCGrad's weights for a Gramian and explicit orders (row i: the order of task i's others).
+
+    Runs on the CPU in float64 (the Gramian is T x T), vectorised over tasks: T - 1 steps of
+    T projections each. Returns weights on the Gramian's device and dtype.
+    """
+    n = gramian.shape[0]
+    g = gramian.detach().to("cpu", torch.float64)
+    coef = torch.eye(n, dtype=torch.float64)
+    rows = torch.arange(n)
+    sq = g.diagonal()
+    for step in range(order.shape[1]):
+        j = order[:, step]
+        dots = (coef * g[:, j].T).sum(dim=1)  # g_i' . g_j for every i
+        denom = sq[j]
+        shift = torch.where((dots < 0) & (denom > 0), dots / torch.where(denom > 0, denom, 1.0), 0.0)
+        coef[rows, j] -= shift
+    return coef.sum(dim=0).to(device=gramian.device, dtype=gramian.dtype)

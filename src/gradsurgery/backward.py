@@ -1,0 +1,335 @@
+"""``gs.backward``: the one call that replaces ``sum(losses).backward()``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from gradsurgery._linalg import gramian_from_blocks, normalized_gramian
+from gradsurgery.engine import Strategy, jacobian_blocks, reached_leaves
+from gradsurgery.method import Method
+
+__all__ = ["BackwardResult", "backward"]
+
+Update = Literal["jacobian", "backward"]
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What one :func:`backward` call did.
+
+    Attributes:
+        tasks: all task names, in the order of the loss dict.
+        present: the tasks that took part in the step (absent and skipped tasks excluded).
+        skipped: the tasks dropped because their loss was NaN/Inf (``nonfinite="skip"``).
+        losses: the detached loss values (T,), in task order (NaN/Inf kept as given).
+        weights: the task weights used (T,), 0 for tasks not present; ``None`` for methods that
+            are not weightings (they return an update, not weights).
+        gramian: G = J J^T (T x T) of the per-task gradients on the shared parameters (or on the
+            features), zero rows/columns for tasks not present; ``None`` when the method did not
+            need it (loss weightings) or worked on J directly.
+    """
+
+    tasks: tuple[str, ...]
+    present: tuple[str, ...]
+    skipped: tuple[str, ...]
+    losses: Tensor
+    weights: Tensor | None
+    gramian: Tensor | None
+
+    @property
+    def grad_norms(self) -> Tensor | None:
+        """Per-task gradient norms ||g_i|| (T,), from the Gramian's diagonal."""
+        if self.gramian is None:
+            return None
+        return self.gramian.diagonal().clamp_min(0).sqrt()
+
+    @property
+    def cosines(self) -> Tensor | None:
+        """Pairwise cosine similarities of the task gradients (T x T); 0 where a norm is 0."""
+        if self.gramian is None:
+            return None
+        return normalized_gramian(self.gramian)
+
+    def weights_dict(self) -> dict[str, float] | None:
+        """The task weights as a plain ``{task: float}`` dict (one host sync)."""
+        if self.weights is None:
+            return None
+        return dict(zip(self.tasks, self.weights.tolist()))
+
+
+def backward(
+    losses: Mapping[str, Tensor] | Sequence[Tensor],
+    shared: Iterable[Tensor] | nn.Module,
+    method: Method | None = None,
+    features: Tensor | None = None,
+    *,
+    nonfinite: Literal["raise", "skip"] = "raise",
+    strategy: Strategy = "auto",
+    chunk_size: int | None = None,
+    update: Update = "jacobian",
+    retain_graph: bool = False,
+) -> BackwardResult:
+    """Backpropagate several task losses, combining their gradients on the shared parameters.
+
+    ``gs.backward(losses, shared=model.backbone)`` with the default method is exactly
+    ``sum(losses.values()).backward()``; with ``method=gs.PCGrad()`` (or any other method) the
+    shared parameters receive that method's combined update instead.
+
+    Args:
+        losses: ``{task: scalar loss}``, or a sequence of scalar losses (tasks are then named
+            ``"0"``, ``"1"``, ...). The dict's order is the task order. A loss without an autograd
+            graph (``torch.tensor(0.)`` when a task has no labels in the batch) marks the task
+            *absent* for this step: its gradient row is zero and its weight is 0.
+        shared: the shared parameters (an ``nn.Module`` or an iterable of tensors). Their
+            ``.grad`` receives the method's combined update. Every other parameter the losses
+            reach (the task heads) receives the plain gradient of ``sum(losses)``, exactly as
+            ``sum(losses).backward()`` would, except for loss-level methods
+            (``method.weights_task_parameters``, e.g. ``FixedWeights``) whose weights scale the
+            whole loss, so heads receive the gradient of ``sum(w_i * L_i)``.
+        method: a :class:`~gradsurgery.method.Method`; default :class:`~gradsurgery.EqualWeights`.
+        features: optional shared representation Z that the heads read. The method then acts on
+            dL_i/dZ (representation level, e.g. MGDA-UB), and one backward from Z carries the
+            combined gradient into ``shared``. Every path from ``shared`` to the losses must go
+            through Z.
+        nonfinite: ``"raise"`` (default) raises ``ValueError`` naming the tasks whose loss is
+            NaN/Inf; ``"skip"`` drops them for this step with a warning.
+        strategy: how per-task gradients are computed: ``"batched"`` (one vmapped backward),
+            ``"loop"`` (one backward per task) or ``"auto"`` (batched, loop if vmap fails).
+        chunk_size: with the batched strategy, at most this many tasks per vmapped backward
+            (bounds memory). ``None``: all tasks at once.
+        update: for weightings, how ``J^T w`` reaches the shared parameters: ``"jacobian"``
+            multiplies the Jacobian already in memory (no extra backward, the default), and
+            ``"backward"`` frees J first and runs one backward of ``sum_i w_i L_i``.
+        retain_graph: keep the autograd graph after the call, as in ``Tensor.backward``.
+
+    Returns:
+        A :class:`BackwardResult` with the weights used and the Gramian statistics.
+
+    Raises:
+        ValueError: empty losses, a non-scalar loss, a NaN/Inf loss (``nonfinite="raise"``),
+            shared parameters that no loss reaches, or features that no loss reaches.
+        TypeError: a loss that is not a tensor, or a method that is not a ``Method``.
+    """
+    from gradsurgery.aggregators.equal_weights import EqualWeights
+
+    tasks, tensors = _as_named(losses)
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    if update not in ("jacobian", "backward"):
+        raise ValueError(f"update must be 'jacobian' or 'backward', got {update!r}")
+    method = EqualWeights() if method is None else method
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"method must be a gradsurgery Method (e.g. gs.PCGrad()), got {type(method).__name__}"
+        )
+    params = _as_params(shared)
+    if features is not None:
+        if not isinstance(features, Tensor) or not features.requires_grad:
+            raise ValueError("features must be a tensor that requires grad (the shared output Z)")
+
+    values = torch.stack([t.detach().reshape(()).float() for t in tensors])
+    finite = torch.isfinite(values)
+    skipped: tuple[str, ...] = ()
+    if not bool(finite.all()):
+        bad = tuple(t for t, ok in zip(tasks, finite.tolist()) if not ok)
+        if nonfinite == "raise":
+            raise ValueError(
+                f"non-finite loss for task(s) {', '.join(map(repr, bad))}; "
+                "pass nonfinite='skip' to drop such tasks for the step"
+            )
+        warnings.warn(
+            f"skipping task(s) {', '.join(map(repr, bad))} this step: non-finite loss",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        skipped = bad
+    keep = [i for i, t in enumerate(tensors) if t.requires_grad and tasks[i] not in skipped]
+    present = tuple(tasks[i] for i in keep)
+    live = [tensors[i] for i in keep]
+    n = len(tasks)
+
+    if not keep:  # nothing to backpropagate this step
+        empty = values.new_zeros(n)
+        return BackwardResult(tasks, present, skipped, values, empty, None)
+
+    live_values = values[keep]
+    index = torch.tensor(keep, device=values.device)
+
+    if method.requires == "losses":
+        weights = method(live_values, present)
+        _check_weights(weights, len(keep), method)
+        _loss_level_backward(live, weights, params, method.weights_task_parameters, retain_graph)
+        full = values.new_zeros(n).index_copy(0, index, weights.detach().float().to(values.device))
+        return BackwardResult(tasks, present, skipped, values, full, None)
+
+    heads, targets = _split_parameters(live, params, features)
+    if heads:  # task parameters: the plain gradient of the summed losses
+        torch.autograd.backward(_sum(live), inputs=heads, retain_graph=True)
+
+    needs_more_backward = features is not None or (
+        method.requires == "gramian" and update == "backward"
+    )
+    blocks = jacobian_blocks(
+        live,
+        targets,
+        strategy=strategy,
+        chunk_size=chunk_size,
+        retain_graph=retain_graph or needs_more_backward,
+    )
+    pairs = [(p, b) for p, b in zip(targets, blocks) if b is not None]
+
+    full_weights: Tensor | None = None
+    full_gramian: Tensor | None = None
+    if method.requires == "gramian":
+        gramian = gramian_from_blocks([b for _, b in pairs])
+        weights = method(gramian, live_values.to(gramian.dtype), present)
+        _check_weights(weights, len(keep), method)
+        weights = weights.detach()
+        if update == "backward":
+            del pairs, blocks
+            total = _sum([w * loss for w, loss in zip(weights.to(live[0].dtype).unbind(), live)])
+            inputs = params if features is not None else targets
+            torch.autograd.backward(total, inputs=inputs, retain_graph=retain_graph)
+        else:
+            updates = [(p, torch.tensordot(weights.to(b.dtype), b, dims=1)) for p, b in pairs]
+            _apply(updates, params, features, retain_graph)
+        full_weights = values.new_zeros(n).index_copy(0, index, weights.float().to(values.device))
+        full_gramian = _embed(gramian, index, n)
+    elif method.requires == "jacobian":
+        jacobian = torch.cat([b.reshape(b.shape[0], -1) for _, b in pairs], dim=1)
+        direction = method(jacobian, live_values, present)
+        if direction.shape != (jacobian.shape[1],):
+            raise RuntimeError(
+                f"{type(method).__name__} returned an update of shape {tuple(direction.shape)}, "
+                f"expected ({jacobian.shape[1]},)"
+            )
+        updates, offset = [], 0
+        for p, _ in pairs:
+            updates.append((p, direction[offset : offset + p.numel()].view_as(p)))
+            offset += p.numel()
+        _apply(updates, params, features, retain_graph)
+    else:
+        raise TypeError(f"unknown method requirement {method.requires!r}")
+    return BackwardResult(tasks, present, skipped, values, full_weights, full_gramian)
+
+
+def _as_named(losses: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[tuple[str, ...], list]:
+    if isinstance(losses, Mapping):
+        tasks = tuple(str(k) for k in losses)
+        tensors = list(losses.values())
+    elif isinstance(losses, Tensor):
+        raise TypeError(
+            "losses must be a dict {task: scalar loss} or a sequence of scalar losses, "
+            "not one tensor (use list(losses) for a stacked vector of losses)"
+        )
+    else:
+        tensors = list(losses)
+        tasks = tuple(str(i) for i in range(len(tensors)))
+    if not tensors:
+        raise ValueError("losses is empty: pass at least one task loss")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task names after conversion to str: {tasks}")
+    for task, t in zip(tasks, tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"loss of task {task!r} is a {type(t).__name__}, not a tensor")
+        if t.dim() != 0:
+            raise ValueError(
+                f"loss of task {task!r} has shape {tuple(t.shape)}; each loss must be a scalar "
+                "(reduce it, e.g. with .mean())"
+            )
+    return tasks, tensors
+
+
+def _as_params(shared: Iterable[Tensor] | nn.Module) -> list[Tensor]:
+    if isinstance(shared, Tensor):
+        shared = [shared]
+    items = shared.parameters() if isinstance(shared, nn.Module) else shared
+    params, seen = [], set()
+    for p in items:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"shared must hold tensors, got a {type(p).__name__}")
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    if not params:
+        raise ValueError("shared holds no tensor that requires grad")
+    return params
+
+
+def _split_parameters(
+    live: list[Tensor], params: list[Tensor], features: Tensor | None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """(task parameters, the inputs per-task gradients are taken on)."""
+    leaves, found = reached_leaves(live, stop_at=features)
+    shared_ids = {id(p) for p in params}
+    heads = [leaf for leaf in leaves if id(leaf) not in shared_ids]
+    if features is not None:
+        if not found:
+            raise ValueError("no loss reaches features: pass the tensor the task heads read")
+        return heads, [features]
+    targets = [p for p in params if id(p) in {id(leaf) for leaf in leaves}]
+    if not targets:
+        raise ValueError(
+            "no loss reaches any of the shared parameters: check that `shared` holds the "
+            "parameters of the network the losses were computed with"
+        )
+    return heads, targets
+
+
+def _loss_level_backward(
+    live: list[Tensor], weights: Tensor, params: list[Tensor], scale_heads: bool, retain: bool
+) -> None:
+    if scale_heads:
+        total = _sum([w * loss for w, loss in zip(weights.unbind(), live)])
+        torch.autograd.backward(total, retain_graph=retain)
+        return
+    heads, targets = _split_parameters(live, params, None)
+    if heads:
+        torch.autograd.backward(_sum(live), inputs=heads, retain_graph=True)
+    total = _sum([w.detach() * loss for w, loss in zip(weights.unbind(), live)])
+    torch.autograd.backward(total, inputs=targets, retain_graph=retain)
+
+
+def _apply(
+    updates: list[tuple[Tensor, Tensor]], params: list[Tensor], features: Tensor | None, retain: bool
+) -> None:
+    """Write the combined update: into .grad directly, or backward from the features."""
+    if features is not None:
+        (_, grad_z), = updates
+        torch.autograd.backward(features, grad_z.to(features.dtype), inputs=params,
+                                retain_graph=retain)
+        return
+    for p, d in updates:
+        d = d.to(p.dtype)
+        if p.grad is None:
+            p.grad = d.contiguous()
+        else:
+            p.grad.add_(d)
+
+
+def _check_weights(weights: Tensor, n: int, method: Method) -> None:
+    if not isinstance(weights, Tensor) or weights.shape != (n,):
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise RuntimeError(f"{type(method).__name__} returned weights {shape}, expected ({n},)")
+
+
+def _sum(terms: list[Tensor]) -> Tensor:
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def _embed(gramian: Tensor, index: Tensor, n: int) -> Tensor:
+    if gramian.shape[0] == n:
+        return gramian
+    full = gramian.new_zeros(n, n)
+    idx = index.to(gramian.device)
+    full[idx.unsqueeze(1), idx.unsqueeze(0)] = gramian
+    return full

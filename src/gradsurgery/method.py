@@ -1,0 +1,108 @@
+"""The method protocol: what :func:`gradsurgery.backward` accepts as ``method=``.
+
+A *method* turns the per-task information of one training step into the update of the shared
+parameters. It declares what it needs through :attr:`Method.requires`, and the engine computes
+exactly that and nothing more:
+
+=================  =====================================  ===========================================
+``requires``       base class                             ``forward`` signature
+=================  =====================================  ===========================================
+``"losses"``       :class:`LossWeighting`                 ``(losses, tasks) -> weights (T,)``
+``"gramian"``      :class:`Weighting`                     ``(gramian, losses, tasks) -> weights (T,)``
+``"jacobian"``     :class:`Aggregator`                    ``(jacobian, losses, tasks) -> update (P,)``
+=================  =====================================  ===========================================
+
+``losses`` is a detached 1-D tensor of the task losses, ``tasks`` the task names in the same
+order, ``gramian`` the T x T matrix G = J J^T of the per-task gradients (float32 or wider) and
+``jacobian`` the T x P matrix J itself. Only the tasks present in the step are passed: absent
+tasks (a loss without an autograd graph, or a skipped non-finite loss) get weight 0 and never
+reach the method.
+
+Every method is an :class:`torch.nn.Module`, so learnable methods expose ``parameters()`` and
+every method checkpoints through ``state_dict()`` / ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from torch import Tensor, nn
+
+from gradsurgery._linalg import gramian_of
+
+__all__ = ["Aggregator", "LossWeighting", "Method", "Weighting"]
+
+Requirement = Literal["losses", "gramian", "jacobian"]
+
+
+class Method(nn.Module):
+    """Base class of everything :func:`gradsurgery.backward` accepts as ``method=``.
+
+    Class attributes:
+
+    * ``requires``: what the engine must compute for this method (see the module docstring).
+    * ``weights_task_parameters``: ``True`` for loss-level methods whose weights scale the whole
+      loss, so task parameters (the heads) receive ``w_i``-weighted gradients exactly as
+      ``sum(w_i * L_i).backward()`` gives them. ``False`` for gradient-level methods: the heads
+      then receive the plain gradient of ``sum(L_i)`` and only the shared parameters receive the
+      method's combined update.
+    """
+
+    requires: ClassVar[Requirement]
+    weights_task_parameters: ClassVar[bool] = False
+
+
+class LossWeighting(Method):
+    """A method that weights the task losses from the losses alone (no per-task gradients).
+
+    The update is the gradient of ``sum_i w_i L_i``.
+    """
+
+    requires: ClassVar[Requirement] = "losses"
+    weights_task_parameters: ClassVar[bool] = True
+
+    def forward(self, losses: Tensor, tasks: tuple[str, ...]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Weighting(Method):
+    """A method that maps the Gramian G = J J^T of the per-task gradients to task weights w.
+
+    The shared parameters then receive ``J^T w``, the gradient of ``sum_i w_i L_i``, so the
+    engine never needs J itself to apply the update.
+    """
+
+    requires: ClassVar[Requirement] = "gramian"
+
+    def forward(
+        self,
+        gramian: Tensor,
+        losses: Tensor | None = None,
+        tasks: tuple[str, ...] | None = None,
+    ) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def aggregate(
+        self,
+        jacobian: Tensor,
+        losses: Tensor | None = None,
+        tasks: tuple[str, ...] | None = None,
+    ) -> Tensor:
+        """The update ``J^T w`` for a materialised Jacobian (every weighting is an aggregator)."""
+        gramian = gramian_of(jacobian)
+        weights = self(gramian, losses, tasks)
+        return weights.to(jacobian.dtype) @ jacobian
+
+
+class Aggregator(Method):
+    """A method that needs the Jacobian J (T x P) itself and returns the update vector (P,)."""
+
+    requires: ClassVar[Requirement] = "jacobian"
+
+    def forward(
+        self,
+        jacobian: Tensor,
+        losses: Tensor | None = None,
+        tasks: tuple[str, ...] | None = None,
+    ) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
