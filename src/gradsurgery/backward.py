@@ -129,9 +129,8 @@ def backward(
             f"method must be a gradsurgery Method (e.g. gs.PCGrad()), got {type(method).__name__}"
         )
     params = _as_params(shared)
-    if features is not None:
-        if not isinstance(features, Tensor) or not features.requires_grad:
-            raise ValueError("features must be a tensor that requires grad (the shared output Z)")
+    if features is not None and (not isinstance(features, Tensor) or not features.requires_grad):
+        raise ValueError("features must be a tensor that requires grad (the shared output Z)")
 
     values = torch.stack([t.detach().reshape(()).float() for t in tensors])
     finite = torch.isfinite(values)
@@ -297,13 +296,17 @@ def _loss_level_backward(
 
 
 def _apply(
-    updates: list[tuple[Tensor, Tensor]], params: list[Tensor], features: Tensor | None, retain: bool
+    updates: list[tuple[Tensor, Tensor]],
+    params: list[Tensor],
+    features: Tensor | None,
+    retain: bool,
 ) -> None:
     """Write the combined update: into .grad directly, or backward from the features."""
     if features is not None:
-        (_, grad_z), = updates
-        torch.autograd.backward(features, grad_z.to(features.dtype), inputs=params,
-                                retain_graph=retain)
+        ((_, grad_z),) = updates
+        torch.autograd.backward(
+            features, grad_z.to(features.dtype), inputs=params, retain_graph=retain
+        )
         return
     for p, d in updates:
         d = d.to(p.dtype)

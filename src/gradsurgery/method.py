@@ -4,13 +4,13 @@ A *method* turns the per-task information of one training step into the update o
 parameters. It declares what it needs through :attr:`Method.requires`, and the engine computes
 exactly that and nothing more:
 
-=================  =====================================  ===========================================
-``requires``       base class                             ``forward`` signature
-=================  =====================================  ===========================================
-``"losses"``       :class:`LossWeighting`                 ``(losses, tasks) -> weights (T,)``
-``"gramian"``      :class:`Weighting`                     ``(gramian, losses, tasks) -> weights (T,)``
-``"jacobian"``     :class:`Aggregator`                    ``(jacobian, losses, tasks) -> update (P,)``
-=================  =====================================  ===========================================
+==============  ======================  ==========================================
+``requires``    base class              ``forward`` signature
+==============  ======================  ==========================================
+``"losses"``    :class:`LossWeighting`  ``(losses, tasks) -> weights (T,)``
+``"gramian"``   :class:`Weighting`      ``(gramian, losses, tasks) -> weights (T,)``
+``"jacobian"``  :class:`Aggregator`     ``(jacobian, losses, tasks) -> update (P,)``
+==============  ======================  ==========================================
 
 ``losses`` is a detached 1-D tensor of the task losses, ``tasks`` the task names in the same
 order, ``gramian`` the T x T matrix G = J J^T of the per-task gradients (float32 or wider) and

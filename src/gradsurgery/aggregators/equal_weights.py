@@ -1,4 +1,4 @@
-"""Equal weights: the plain sum (or mean) of the task losses, the baseline every method must beat."""
+"""Equal weights: the plain sum (or mean) of the task losses, the baseline to beat."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ class EqualWeights(LossWeighting):
 
     def forward(self, losses: Tensor, tasks: tuple[str, ...]) -> Tensor:
         n = losses.shape[0]
-        return torch.full((n,), 1.0 / n if self.mean else 1.0, dtype=losses.dtype,
-                          device=losses.device)
+        return torch.full(
+            (n,), 1.0 / n if self.mean else 1.0, dtype=losses.dtype, device=losses.device
+        )
 
     def extra_repr(self) -> str:
         return f"mean={self.mean}"

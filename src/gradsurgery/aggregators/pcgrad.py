@@ -84,6 +84,8 @@ def project_weights(gramian: Tensor, order: Tensor) -> Tensor:
         j = order[:, step]
         dots = (coef * g[:, j].T).sum(dim=1)  # g_i' . g_j for every i
         denom = sq[j]
-        shift = torch.where((dots < 0) & (denom > 0), dots / torch.where(denom > 0, denom, 1.0), 0.0)
+        shift = torch.where(
+            (dots < 0) & (denom > 0), dots / torch.where(denom > 0, denom, 1.0), 0.0
+        )
         coef[rows, j] -= shift
     return coef.sum(dim=0).to(device=gramian.device, dtype=gramian.dtype)

@@ -1,0 +1,234 @@
+"""gs.backward: parity with autograd, task heads, features, absent tasks and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import gradsurgery as gs
+from conftest import TwoLevelModel, flat_grad, grads, make_losses, per_task_jacobian
+
+
+def test_equal_weights_matches_sum_backward_on_every_parameter(model):
+    reference = TwoLevelModel()
+    reference.load_state_dict(model.state_dict())
+    sum(make_losses(reference).values()).backward()
+    gs.backward(make_losses(model), shared=model.backbone)
+    expected, got = grads(reference), grads(model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_gradients_accumulate_like_autograd(model):
+    gs.backward(make_losses(model), shared=model.backbone, method=gs.PCGrad(seed=1))
+    once = grads(model)
+    gs.backward(make_losses(model), shared=model.backbone, method=gs.PCGrad(seed=1))
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, 2 * once[name])
+
+
+@pytest.mark.parametrize("method", [gs.PCGrad(seed=3), gs.MGDA(), gs.MGDA(solver="exact")])
+@pytest.mark.parametrize("strategy", ["batched", "loop"])
+def test_shared_gets_jt_w_and_heads_get_plain_sum(model, method, strategy):
+    losses = make_losses(model)
+    shared = list(model.backbone.parameters())
+    heads = list(model.heads.parameters())
+    jac = per_task_jacobian(losses, shared)
+    head_expected = torch.autograd.grad(sum(losses.values()), heads, retain_graph=True)
+    state = method.state_dict()
+    weights = method(jac @ jac.T, torch.stack(list(losses.values())).detach())
+    method.load_state_dict(state)  # PCGrad: same random orders again
+    result = gs.backward(losses, shared=shared, method=method, strategy=strategy)
+    torch.testing.assert_close(result.weights, weights)
+    torch.testing.assert_close(flat_grad(shared), weights @ jac, atol=1e-6, rtol=1e-5)
+    for p, g in zip(heads, head_expected):
+        torch.testing.assert_close(p.grad, g, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("method", [gs.PCGrad(seed=4), gs.MGDA(normalization="loss+")])
+def test_gramian_path_equals_jacobian_path(method):
+    """update='backward' (J freed, one backward of sum w_i L_i) == update='jacobian' (J^T w)."""
+    results = {}
+    for update in ("jacobian", "backward"):
+        torch.manual_seed(0)
+        model = TwoLevelModel()
+        state = method.state_dict()
+        gs.backward(make_losses(model), shared=model.backbone, method=method, update=update)
+        method.load_state_dict(state)
+        results[update] = grads(model)
+    for name, g in results["jacobian"].items():
+        torch.testing.assert_close(results["backward"][name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_weighting_aggregate_matches_engine(model):
+    """Weighting.aggregate(J) (the J path) gives the update the engine writes."""
+    losses = make_losses(model)
+    shared = list(model.backbone.parameters())
+    jac = per_task_jacobian(losses, shared)
+    expected = gs.MGDA(solver="exact").aggregate(jac)
+    gs.backward(losses, shared, method=gs.MGDA(solver="exact"))
+    torch.testing.assert_close(flat_grad(shared), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("update", ["jacobian", "backward"])
+def test_features_mgda_ub(model, update):
+    """With features=Z the method acts on dL_i/dZ; one backward from Z reaches the backbone."""
+    losses = make_losses(model)
+    z = model.features
+    shared = list(model.backbone.parameters())
+    jz = torch.stack(
+        [torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses.values()]
+    )
+    weights = gs.MGDA(solver="exact")(jz @ jz.T)
+    expected = torch.autograd.grad(
+        z, shared, grad_outputs=(weights @ jz).view_as(z), retain_graph=True
+    )
+    head_expected = torch.autograd.grad(
+        sum(losses.values()), list(model.heads.parameters()), retain_graph=True
+    )
+    result = gs.backward(losses, shared, method=gs.MGDA(solver="exact"), features=z, update=update)
+    torch.testing.assert_close(result.weights, weights)
+    torch.testing.assert_close(result.gramian, jz @ jz.T)
+    for p, g in zip(shared, expected):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    for p, g in zip(model.heads.parameters(), head_expected):
+        torch.testing.assert_close(p.grad, g, atol=1e-7, rtol=0)
+
+
+def test_sequence_losses_are_numbered(model):
+    losses = list(make_losses(model).values())
+    result = gs.backward(losses, model.backbone, method=gs.PCGrad(seed=0))
+    assert result.tasks == ("0", "1", "2")
+
+
+def test_result_statistics_come_from_the_gramian(model):
+    losses = make_losses(model)
+    shared = list(model.backbone.parameters())
+    jac = per_task_jacobian(losses, shared)
+    result = gs.backward(losses, shared, method=gs.MGDA())
+    norms = jac.norm(dim=1)
+    torch.testing.assert_close(result.grad_norms, norms)
+    torch.testing.assert_close(result.cosines, (jac @ jac.T) / norms[:, None] / norms[None, :])
+    assert set(result.weights_dict()) == {"a", "b", "c"}
+    assert gs.backward(make_losses(model), shared).gramian is None  # EqualWeights needs no G
+
+
+# --- absent and non-finite tasks ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [gs.EqualWeights(), gs.PCGrad(seed=0), gs.MGDA()])
+def test_absent_task_gets_zero_weight_and_no_nan(method):
+    torch.manual_seed(0)
+    with_absent, without = TwoLevelModel(), TwoLevelModel()
+    without.load_state_dict(with_absent.state_dict())
+    state = method.state_dict()
+    losses = make_losses(with_absent)
+    losses["b"] = torch.tensor(0.0)  # no labels for task b in this batch
+    result = gs.backward(losses, with_absent.backbone, method=method)
+    assert result.present == ("a", "c")
+    assert result.weights[1] == 0
+    if result.gramian is not None:
+        assert torch.all(result.gramian[1] == 0) and torch.all(result.gramian[:, 1] == 0)
+    method.load_state_dict(state)
+    reduced = make_losses(without)
+    del reduced["b"]
+    gs.backward(reduced, without.backbone, method=method)
+    for name, g in grads(without).items():
+        got = grads(with_absent)[name]
+        if g is None:
+            assert got is None, name
+        else:
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, g, atol=1e-6, rtol=1e-5)
+
+
+def test_all_tasks_absent_is_a_no_op(model):
+    result = gs.backward({"a": torch.tensor(0.0), "b": torch.tensor(1.0)}, model.backbone)
+    assert result.present == ()
+    assert all(g is None for g in grads(model).values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_loss_raises_naming_the_task(model, bad):
+    losses = make_losses(model)
+    losses["b"] = losses["b"] * bad
+    with pytest.raises(ValueError, match="'b'"):
+        gs.backward(losses, model.backbone, method=gs.PCGrad(seed=0))
+    assert all(g is None for g in grads(model).values())  # nothing written
+
+
+def test_nonfinite_skip_drops_the_task_with_a_warning(model):
+    losses = make_losses(model)
+    losses["c"] = losses["c"] * float("nan")
+    with pytest.warns(RuntimeWarning, match="'c'"):
+        result = gs.backward(losses, model.backbone, method=gs.MGDA(), nonfinite="skip")
+    assert result.skipped == ("c",) and result.present == ("a", "b")
+    assert result.weights[2] == 0
+    for g in grads(model).values():
+        assert g is None or torch.isfinite(g).all()
+    assert model.heads["c"][0].weight.grad is None  # the skipped task's head is untouched
+
+
+def test_empty_losses_raise(model):
+    with pytest.raises(ValueError, match="empty"):
+        gs.backward({}, model.backbone)
+
+
+def test_non_scalar_loss_raises_naming_the_task(model):
+    losses = make_losses(model)
+    losses["a"] = losses["a"].expand(3)
+    with pytest.raises(ValueError, match=r"'a'.*\(3,\)"):
+        gs.backward(losses, model.backbone)
+
+
+def test_non_tensor_loss_and_bad_method_raise(model):
+    with pytest.raises(TypeError, match="'a'"):
+        gs.backward({"a": 1.0}, model.backbone)
+    with pytest.raises(TypeError, match="Method"):
+        gs.backward(make_losses(model), model.backbone, method="pcgrad")
+    with pytest.raises(TypeError, match="dict"):
+        gs.backward(torch.stack(list(make_losses(model).values())), model.backbone)
+
+
+def test_bad_options_raise(model):
+    with pytest.raises(ValueError, match="nonfinite"):
+        gs.backward(make_losses(model), model.backbone, nonfinite="ignore")
+    with pytest.raises(ValueError, match="update"):
+        gs.backward(make_losses(model), model.backbone, update="fast")
+    with pytest.raises(ValueError, match="strategy"):
+        gs.backward(make_losses(model), model.backbone, method=gs.MGDA(), strategy="vmap")
+
+
+def test_shared_that_no_loss_reaches_raises(model):
+    stranger = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="no loss reaches any of the shared"):
+        gs.backward(make_losses(model), stranger, method=gs.PCGrad(seed=0))
+    with pytest.raises(ValueError, match="shared holds no tensor"):
+        gs.backward(make_losses(model), [])
+
+
+def test_features_that_no_loss_reaches_raise(model):
+    losses = make_losses(model)
+    other = torch.randn(3, requires_grad=True) * 2
+    with pytest.raises(ValueError, match="features"):
+        gs.backward(losses, model.backbone, method=gs.MGDA(), features=other)
+    with pytest.raises(ValueError, match="requires grad"):
+        gs.backward(losses, model.backbone, method=gs.MGDA(), features=torch.zeros(3))
+
+
+def test_graph_freed_unless_retained(model):
+    losses = make_losses(model)
+    gs.backward(losses, model.backbone, method=gs.PCGrad(seed=0), retain_graph=True)
+    gs.backward(losses, model.backbone, method=gs.PCGrad(seed=0))
+    with pytest.raises(RuntimeError, match="second time"):
+        gs.backward(losses, model.backbone, method=gs.PCGrad(seed=0), strategy="batched")
+
+
+def test_no_warning_on_a_normal_step(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gs.backward(make_losses(model), model.backbone, method=gs.MGDA())
