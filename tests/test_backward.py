@@ -232,3 +232,30 @@ def test_no_warning_on_a_normal_step(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gs.backward(make_losses(model), model.backbone, method=gs.MGDA())
+
+
+class RowMean(gs.Aggregator):
+    """A toy aggregator: the mean of the rows; records what the engine passed."""
+
+    def forward(self, jacobian, losses=None, tasks=None, features=None):
+        self.seen = (jacobian.shape, tasks, None if features is None else features.shape)
+        return jacobian.mean(dim=0)
+
+
+def test_aggregator_receives_the_jacobian(model):
+    losses = make_losses(model)
+    shared = list(model.backbone.parameters())
+    jac = per_task_jacobian(losses, shared)
+    method = RowMean()
+    result = gs.backward(losses, shared, method=method)
+    assert method.seen == (jac.shape, ("a", "b", "c"), None)
+    assert result.weights is None and result.gramian is None
+    torch.testing.assert_close(flat_grad(shared), jac.mean(dim=0), atol=1e-6, rtol=1e-5)
+
+
+def test_aggregator_on_features_gets_z(model):
+    losses = make_losses(model)
+    z = model.features
+    method = RowMean()
+    gs.backward(losses, model.backbone, method=method, features=z)
+    assert method.seen == ((3, z.numel()), ("a", "b", "c"), z.shape)

@@ -202,7 +202,8 @@ def backward(
         full_gramian = _embed(gramian, index, n)
     elif method.requires == "jacobian":
         jacobian = torch.cat([b.reshape(b.shape[0], -1) for _, b in pairs], dim=1)
-        direction = method(jacobian, live_values, present)
+        feats = None if features is None else features.detach()
+        direction = method(jacobian, live_values, present, features=feats)
         if direction.shape != (jacobian.shape[1],):
             raise RuntimeError(
                 f"{type(method).__name__} returned an update of shape {tuple(direction.shape)}, "

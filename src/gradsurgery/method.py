@@ -95,7 +95,12 @@ class Weighting(Method):
 
 
 class Aggregator(Method):
-    """A method that needs the Jacobian J (T x P) itself and returns the update vector (P,)."""
+    """A method that needs the Jacobian J (T x P) itself and returns the update vector (P,).
+
+    When :func:`gradsurgery.backward` is given ``features=Z``, J is taken on Z (P = Z.numel(),
+    rows reshape to ``Z.shape``) and the detached Z is passed as ``features`` (e.g. GradDrop
+    needs sign(Z)); otherwise ``features`` is ``None``.
+    """
 
     requires: ClassVar[Requirement] = "jacobian"
 
@@ -104,5 +109,6 @@ class Aggregator(Method):
         jacobian: Tensor,
         losses: Tensor | None = None,
         tasks: tuple[str, ...] | None = None,
+        features: Tensor | None = None,
     ) -> Tensor:  # pragma: no cover
         raise NotImplementedError
