@@ -1,0 +1,26 @@
+"""Every method by name: for the CLI, the benchmarks and the parametrised test suites."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradsurgery.aggregators import MGDA, EqualWeights, FixedWeights, PCGrad
+from gradsurgery.method import Method
+
+__all__ = ["METHODS", "make_method"]
+
+#: name -> class. Names are lower-case, as typed on the command line.
+METHODS: dict[str, type[Method]] = {
+    "equal": EqualWeights,
+    "fixed": FixedWeights,
+    "pcgrad": PCGrad,
+    "mgda": MGDA,
+}
+
+
+def make_method(name: str, **kwargs: Any) -> Method:
+    """Build a method from its registry name, e.g. ``make_method("mgda", solver="exact")``."""
+    key = name.lower().replace("-", "_")
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[key](**kwargs)
