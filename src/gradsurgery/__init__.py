@@ -4,22 +4,52 @@
 gives the shared parameters the update of a gradient-surgery or loss-balancing method.
 """
 
-from gradsurgery.aggregators import MGDA, EqualWeights, FixedWeights, PCGrad
+from gradsurgery.aggregators import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    AuxiliaryCosine,
+    CAGrad,
+    ConFIG,
+    DualProj,
+    EqualWeights,
+    FixedWeights,
+    GradDrop,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    RandomWeights,
+    UPGrad,
+)
 from gradsurgery.backward import BackwardResult, backward
 from gradsurgery.method import Aggregator, LossWeighting, Method, Weighting
+from gradsurgery.registry import METHODS, make_method
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMTLG",
+    "METHODS",
     "MGDA",
     "Aggregator",
+    "AlignedMTL",
+    "AuxiliaryCosine",
     "BackwardResult",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
     "EqualWeights",
     "FixedWeights",
+    "GradDrop",
+    "GradVac",
     "LossWeighting",
     "Method",
+    "NashMTL",
     "PCGrad",
+    "RandomWeights",
+    "UPGrad",
     "Weighting",
     "__version__",
     "backward",
+    "make_method",
 ]

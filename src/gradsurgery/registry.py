@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradsurgery.aggregators import MGDA, EqualWeights, FixedWeights, PCGrad
+from gradsurgery.aggregators import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    AuxiliaryCosine,
+    CAGrad,
+    ConFIG,
+    DualProj,
+    EqualWeights,
+    FixedWeights,
+    GradDrop,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    RandomWeights,
+    UPGrad,
+)
 from gradsurgery.method import Method
 
 __all__ = ["METHODS", "make_method"]
@@ -15,6 +31,17 @@ METHODS: dict[str, type[Method]] = {
     "fixed": FixedWeights,
     "pcgrad": PCGrad,
     "mgda": MGDA,
+    "cagrad": CAGrad,
+    "imtlg": IMTLG,
+    "aligned_mtl": AlignedMTL,
+    "nash_mtl": NashMTL,
+    "upgrad": UPGrad,
+    "dualproj": DualProj,
+    "gradvac": GradVac,
+    "graddrop": GradDrop,
+    "config": ConFIG,
+    "random_weights": RandomWeights,
+    "auxiliary_cosine": AuxiliaryCosine,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradsurgery.aggregators._random import make_generator, random_orders
 from gradsurgery.method import Weighting
 
 __all__ = ["PCGrad"]
@@ -35,22 +36,11 @@ class PCGrad(Weighting):
 
     def __init__(self, seed: int | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if seed is not None and generator is not None:
-            raise ValueError("pass either seed or generator, not both")
-        if generator is None:
-            generator = torch.Generator()
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator.manual_seed(int(seed))
-        elif generator.device.type != "cpu":
-            raise ValueError("PCGrad needs a CPU torch.Generator (orders are drawn on the CPU)")
-        self.generator = generator
+        self.generator = make_generator(seed, generator, "PCGrad")
 
     def orders(self, n: int) -> Tensor:
         """Draw, for each task i, a random order of the other tasks: (n, n-1) int64 on the CPU."""
-        keys = torch.rand((n, n), generator=self.generator, dtype=torch.float64)
-        keys.fill_diagonal_(2.0)  # each task's own index sorts last and is dropped
-        return keys.argsort(dim=1)[:, : n - 1]
+        return random_orders(self.generator, n)
 
     def forward(
         self,
