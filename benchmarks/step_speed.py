@@ -13,6 +13,8 @@ an MLP backbone 256-512-512-256 (ReLU) with T linear heads 256->1, on one fixed 
 * ``MGDA batched update=backward``: frees the Jacobian and runs one more backward of
   ``sum_i w_i L_i`` instead of multiplying J^T w;
 * ``MGDA-UB (features=z)``: MGDA on dL_i/dz, z the backbone output (``features=z``);
+* ``<name> (auto)``: every other method of ``gs.METHODS`` with its defaults and the default
+  engine strategy;
 * ``naive per-task loop``: no method, the pattern naive implementations use: T separate
   ``torch.autograd.grad`` calls (task i: the shared parameters and head i), summed and written
   to ``.grad``. A reference for what a per-task Jacobian costs without the engine.
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import inspect
 import itertools
 import json
 import platform
@@ -148,7 +151,7 @@ def make_steps(base: MultiTaskMLP, x: Tensor, y: Tensor) -> dict[str, Step]:
             opt.zero_grad()
             z = model.backbone(x)
             losses = task_losses(model, z, y)
-            gs.backward(losses, model.backbone, method, features=z, strategy="batched")
+            gs.backward(losses, model.backbone, method, features=z)
             opt.step()
 
         return step
@@ -180,6 +183,11 @@ def make_steps(base: MultiTaskMLP, x: Tensor, y: Tensor) -> dict[str, Step]:
 
         return step
 
+    every_method = {
+        f"{name} (auto)": with_gs(method)
+        for name, method in registry_methods(len(base.heads)).items()
+        if name not in ("pcgrad", "mgda")  # timed below with each strategy
+    }
     return {
         BASELINE: plain(),
         "gs EqualWeights": with_gs(gs.EqualWeights()),
@@ -190,7 +198,23 @@ def make_steps(base: MultiTaskMLP, x: Tensor, y: Tensor) -> dict[str, Step]:
         "MGDA batched update=backward": with_gs(gs.MGDA(), strategy="batched", update="backward"),
         "MGDA-UB (features=z)": mgda_ub(),
         "naive per-task loop": naive_loop(),
+        **every_method,
     }
+
+
+def registry_methods(tasks: int) -> dict[str, gs.Method]:
+    """Every registered method with its defaults (seeded where random)."""
+    methods: dict[str, gs.Method] = {}
+    for name, cls in gs.METHODS.items():
+        if name in ("equal", "fixed"):
+            continue  # loss-level: same cost as EqualWeights
+        if name == "auxiliary_cosine":
+            methods[name] = cls(main="t0")
+        elif "seed" in inspect.signature(cls).parameters:
+            methods[name] = cls(seed=0)
+        else:
+            methods[name] = cls()
+    return methods
 
 
 def run_tasks(tasks: int, repeats: int, warmup: int) -> list[VariantResult]:

@@ -100,8 +100,8 @@ def backward(
         nonfinite: ``"raise"`` (default) raises ``ValueError`` naming the tasks whose loss is
             NaN/Inf; ``"skip"`` drops them for this step with a warning.
         strategy: how per-task gradients are computed: ``"batched"`` (one vmapped backward),
-            ``"loop"`` (one backward per task) or ``"auto"`` (batched on the parameters, loop
-            if vmap fails; loop on the features, where batching costs T^2 head passes).
+            ``"loop"`` (one backward per task) or ``"auto"``: the loop on the CPU and for
+            features (measured faster there), batched on accelerators (loop if vmap fails).
         chunk_size: with the batched strategy, at most this many tasks per vmapped backward
             (bounds memory). ``None``: all tasks at once.
         update: for weightings, how ``J^T w`` reaches the shared parameters: ``"jacobian"``
@@ -175,12 +175,10 @@ def backward(
     needs_more_backward = features is not None or (
         method.requires == "gramian" and update == "backward"
     )
-    # J on the features only traverses the heads, where a vmapped backward over all T rows
-    # costs T^2 head passes (measured 40x slower than the loop at T = 40): loop there.
     blocks = jacobian_blocks(
         live,
         targets,
-        strategy="loop" if features is not None and strategy == "auto" else strategy,
+        strategy=_resolve_strategy(strategy, live[0], features),
         chunk_size=chunk_size,
         retain_graph=retain_graph or needs_more_backward,
     )
@@ -220,6 +218,23 @@ def backward(
     else:
         raise TypeError(f"unknown method requirement {method.requires!r}")
     return BackwardResult(tasks, present, skipped, values, full_weights, full_gramian)
+
+
+def _resolve_strategy(strategy: Strategy, loss: Tensor, features: Tensor | None) -> Strategy:
+    """What ``"auto"`` means for this step (measured in benchmarks/step_speed.py).
+
+    * On the features, J only traverses the heads, where one vmapped backward pushes all T
+      rows through every head (T^2 head passes): 40x slower than the loop at T = 40. Loop.
+    * On the CPU, the vmapped backward is no faster than T plain backwards (2 threads, MLP
+      256-512-512-256: equal at T = 2 and 10, 25% slower at T = 40). Loop.
+    * On an accelerator, batching the T rows into one backward saves T - 1 rounds of kernel
+      launches: batched (falling back to the loop if vmap fails).
+    """
+    if strategy != "auto":
+        return strategy
+    if features is not None or loss.device.type == "cpu":
+        return "loop"
+    return "auto"
 
 
 def _as_named(losses: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[tuple[str, ...], list]:
