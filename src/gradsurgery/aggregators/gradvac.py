@@ -65,8 +65,9 @@ class GradVac(Weighting):
     never needed. Runs on the CPU in float64 on G divided by its largest diagonal entry (GradVac
     is scale-free). Zero-norm safety: when g_j or g_i' is zero (or g_i' has cancelled to rounding
     noise, e.g. after exactly opposite gradients) the cosine is undefined, so the pair is
-    skipped: no correction and no EMA update (LibMTL and torchjd instead add 1e-8 to the
-    denominators, which feeds rho = 0 into the EMA). A target of +-1 is clamped to
+    skipped: no correction and no EMA update (torchjd and LibMTL's later GitHub code add 1e-8
+    to the denominators, which feeds rho = 0 into the EMA; LibMTL 1.1.5 gets a NaN cosine
+    and skips the pair too). A target of +-1 is clamped to
     +-(1 - 1e-6) where it is used, so the correction stays finite.
 
     Each task has its own random order of the other tasks, drawn from a ``torch.Generator``

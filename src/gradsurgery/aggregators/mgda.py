@@ -41,7 +41,10 @@ class MGDA(Weighting):
     Solvers (``solver``): ``"frank-wolfe"`` (the paper's Algorithm 2 with the Algorithm 1 line
     search, started from the best pair of tasks as in the authors' code, ``max_iter=250``, stop
     when the weights move by < ``tol=1e-5``; two tasks in closed form) and ``"exact"`` (Wolfe's
-    nearest-point active-set method on the T x T Gramian). Frank-Wolfe converges as O(1/k) and
+    nearest-point active-set method on the T x T Gramian). The authors' training script and
+    LibMTL call a projected-gradient solver (``find_min_norm_element``) rather than their
+    Frank-Wolfe function; LibMTL 1.1.5's never increments its iteration counter, so its cap
+    never applies (``tests/test_reference_libmtl.py``). Frank-Wolfe converges as O(1/k) and
     can stop short: on 100 random scale-varied Gramians (T = 2..10) it lands within 1e-3
     relative of the min norm on 97 and within 1e-2 on all (``benchmarks/mgda_solvers.py``).
     ``"exact"`` gives the min-norm point users expect, at about the same cost for T <= 64.

@@ -21,6 +21,12 @@ class PCGrad(Weighting):
     where g_j is always the *original* gradient of task j. The update is ``sum_i g_i'`` (the
     sum, as in the authors' TensorFlow code; Pytorch-PCGrad's default is the mean).
 
+    Only the *other* tasks are visited, as the paper's Algorithm 1 and torchjd. The authors'
+    TensorFlow code, Pytorch-PCGrad and LibMTL shuffle all tasks, i included, so a g_i' that
+    earlier projections turned against g_i is also projected on g_i itself (rare; see
+    ``tests/test_reference_libmtl.py``); the TF code also discards its shuffle, so its order
+    is fixed.
+
     Written as a weighting of the Gramian: g_i' = sum_k C_ik g_k, so g_i' . g_j = (C G)_ij and a
     projection only changes C_ij; the weights are w = 1^T C and J is never needed. A task whose
     gradient is zero is never projected on (no division by zero, no NaN).
