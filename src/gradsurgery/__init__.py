@@ -22,7 +22,7 @@ from gradsurgery.aggregators import (
     UPGrad,
 )
 from gradsurgery.backward import BackwardResult, backward
-from gradsurgery.method import Aggregator, LossWeighting, Method, Weighting
+from gradsurgery.method import Aggregator, Chain, LossWeighting, Method, Weighting, chain
 from gradsurgery.registry import METHODS, make_method
 
 __version__ = "0.1.0"
@@ -36,6 +36,7 @@ __all__ = [
     "AuxiliaryCosine",
     "BackwardResult",
     "CAGrad",
+    "Chain",
     "ConFIG",
     "DualProj",
     "EqualWeights",
@@ -51,5 +52,6 @@ __all__ = [
     "Weighting",
     "__version__",
     "backward",
+    "chain",
     "make_method",
 ]

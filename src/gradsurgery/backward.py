@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gradsurgery._linalg import gramian_from_blocks, normalized_gramian
 from gradsurgery.engine import Strategy, jacobian_blocks, reached_leaves
-from gradsurgery.method import Method
+from gradsurgery.method import Chain, LossWeighting, Method
 
 __all__ = ["BackwardResult", "backward"]
 
@@ -162,11 +162,17 @@ def backward(
     index = torch.tensor(keep, device=values.device)
 
     if method.requires == "losses":
-        weights = method(live_values, present)
-        _check_weights(weights, len(keep), method)
+        weights = _loss_weights(method, live_values, present)
         _loss_level_backward(live, weights, params, method.weights_task_parameters, retain_graph)
-        full = values.new_zeros(n).index_copy(0, index, weights.detach().float().to(values.device))
+        full = values.new_zeros(n).index_copy(0, index, weights.float().to(values.device))
         return BackwardResult(tasks, present, skipped, values, full, None)
+
+    pre_weights = None
+    if isinstance(method, Chain):  # the balancer scales the losses, then the surgery acts
+        pre_weights = _loss_weights(method.balancer, live_values, present)
+        scale = pre_weights.to(live[0].dtype).unbind()
+        live = [b * loss for b, loss in zip(scale, live)]
+        live_values = live_values * pre_weights.to(live_values)
 
     heads, targets = _split_parameters(live, params, features)
     if heads:  # task parameters: the plain gradient of the summed losses
@@ -191,6 +197,8 @@ def backward(
         weights = method(gramian, live_values.to(gramian.dtype), present)
         _check_weights(weights, len(keep), method)
         weights = weights.detach()
+        if pre_weights is not None:
+            pre_weights = pre_weights.to(weights)
         if update == "backward":
             del pairs, blocks
             total = _sum([w * loss for w, loss in zip(weights.to(live[0].dtype).unbind(), live)])
@@ -199,7 +207,8 @@ def backward(
         else:
             updates = [(p, torch.tensordot(weights.to(b.dtype), b, dims=1)) for p, b in pairs]
             _apply(updates, params, features, retain_graph)
-        full_weights = values.new_zeros(n).index_copy(0, index, weights.float().to(values.device))
+        used = weights if pre_weights is None else weights * pre_weights
+        full_weights = values.new_zeros(n).index_copy(0, index, used.float().to(values.device))
         full_gramian = _embed(gramian, index, n)
     elif method.requires == "jacobian":
         jacobian = torch.cat([b.reshape(b.shape[0], -1) for _, b in pairs], dim=1)
@@ -333,6 +342,25 @@ def _apply(
             p.grad = d.contiguous()
         else:
             p.grad.add_(d)
+
+
+def _loss_weights(method: LossWeighting, values: Tensor, tasks: tuple[str, ...]) -> Tensor:
+    """The method's weights, detached; a learnable method also gets its own gradient here.
+
+    Its objective ``sum_i w_i * L_i + penalty`` (losses detached) is backpropagated into the
+    method's parameters only: no pass through the model.
+    """
+    weights = method(values, tasks)
+    _check_weights(weights, values.shape[0], method)
+    penalty = method.penalty(values, tasks)
+    learnable = [p for p in method.parameters() if p.requires_grad]
+    if learnable and (weights.requires_grad or penalty is not None):
+        objective = (weights * values.to(weights.dtype)).sum()
+        if penalty is not None:
+            objective = objective + penalty
+        if objective.requires_grad:
+            torch.autograd.backward(objective, inputs=learnable)
+    return weights.detach()
 
 
 def _check_weights(weights: Tensor, n: int, method: Method) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from gradsurgery._linalg import gramian_of
 
-__all__ = ["Aggregator", "LossWeighting", "Method", "Weighting"]
+__all__ = ["Aggregator", "Chain", "LossWeighting", "Method", "Weighting", "chain"]
 
 Requirement = Literal["losses", "gramian", "jacobian"]
 
@@ -55,7 +55,14 @@ class Method(nn.Module):
 class LossWeighting(Method):
     """A method that weights the task losses from the losses alone (no per-task gradients).
 
-    The update is the gradient of ``sum_i w_i L_i``.
+    The model's update is the gradient of ``sum_i w_i L_i`` with the weights held constant.
+
+    Learnable weightings (uncertainty weighting, ...) return weights that depend on their own
+    parameters. The engine then also backpropagates ``sum_i w_i * L_i.detach() + penalty``
+    into the method's parameters alone (no pass through the model: the losses are constants
+    there), so ``method.parameters()`` in the user's optimizer learn by their own objective.
+    :meth:`penalty` adds the terms of that objective that are not a weighted loss (e.g. the
+    ``log sigma`` of uncertainty weighting).
     """
 
     requires: ClassVar[Requirement] = "losses"
@@ -63,6 +70,10 @@ class LossWeighting(Method):
 
     def forward(self, losses: Tensor, tasks: tuple[str, ...]) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def penalty(self, losses: Tensor, tasks: tuple[str, ...]) -> Tensor | None:
+        """Extra terms of the method's own objective (None: none). ``losses`` are detached."""
+        return None
 
 
 class Weighting(Method):
@@ -112,3 +123,36 @@ class Aggregator(Method):
         features: Tensor | None = None,
     ) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+
+class Chain(Method):
+    """A loss weighting, then a gradient-level method on the weighted losses.
+
+    ``chain(balancer, aggregator)``: the balancer's weights b (from the losses) scale the task
+    losses, L_i -> b_i L_i, and the aggregator's surgery acts on the gradients of those
+    weighted losses. The weights reported are b_i * w_i. Task heads receive the plain
+    gradient of ``sum_i b_i L_i``. Build it with :func:`gradsurgery.chain`.
+    """
+
+    def __init__(self, balancer: LossWeighting, aggregator: Method) -> None:
+        super().__init__()
+        if not isinstance(balancer, LossWeighting):
+            raise TypeError(f"chain's first method must be a LossWeighting, got {balancer!r}")
+        if not isinstance(aggregator, (Weighting, Aggregator)):
+            raise TypeError(
+                f"chain's second method must be a Weighting or an Aggregator, got {aggregator!r}"
+            )
+        self.balancer = balancer
+        self.aggregator = aggregator
+
+    @property
+    def requires(self) -> Requirement:  # type: ignore[override]
+        return self.aggregator.requires
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        return self.aggregator(*args, **kwargs)
+
+
+def chain(balancer: LossWeighting, aggregator: Method) -> Chain:
+    """Compose a loss weighting and a gradient-level method (see :class:`Chain`)."""
+    return Chain(balancer, aggregator)
