@@ -6,6 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+# Tiny tensors: one thread avoids oversubscribing a small CI machine (2 cores) and keeps the
+# suite's timings stable when other work shares the cores.
+torch.set_num_threads(1)
+
 
 class TwoLevelModel(nn.Module):
     """A backbone (shared) and one head per task; head "c" has two layers."""

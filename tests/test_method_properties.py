@@ -29,6 +29,17 @@ from gradsurgery.aggregators.nash_mtl import NashMTL
 from gradsurgery.aggregators.pcgrad import PCGrad
 from gradsurgery.aggregators.random_weights import RandomWeights
 from gradsurgery.aggregators.upgrad import UPGrad
+from gradsurgery.balancers import (
+    DTP,
+    DWA,
+    FAMO,
+    IMTLL,
+    RLW,
+    GeometricMean,
+    ScaleInvariant,
+    UncertaintyWeighting,
+    WorstCase,
+)
 from gradsurgery.method import Method
 
 
@@ -61,6 +72,21 @@ SUITE: dict[str, Case] = {
     "ConFIG": Case(lambda s: ConFIG(), {"own", "equivariant", "linear"}),
     "RandomWeights": Case(lambda s: RandomWeights(seed=s), {"own", "linear"}),
     "AuxiliaryCosine": Case(lambda s: AuxiliaryCosine(main="0"), {"own", "linear"}),
+    # loss-level balancers: the weights come from the losses (all 1 here), not from J
+    "UncertaintyWeighting": Case(
+        lambda s: UncertaintyWeighting(tasks=[str(i) for i in range(64)]),
+        {"equivariant", "linear"},
+    ),
+    "DWA": Case(lambda s: DWA(), {"own", "equivariant", "linear"}),
+    "DTP": Case(lambda s: DTP(), {"own", "equivariant", "linear"}),
+    "RLW": Case(lambda s: RLW(seed=s), {"own", "linear"}),
+    "FAMO": Case(lambda s: FAMO(), {"own", "equivariant", "linear"}),
+    "IMTLL": Case(
+        lambda s: IMTLL(tasks=[str(i) for i in range(64)]), {"own", "equivariant", "linear"}
+    ),
+    "ScaleInvariant": Case(lambda s: ScaleInvariant(), {"own", "equivariant", "linear"}),
+    "GeometricMean": Case(lambda s: GeometricMean(), {"own", "equivariant", "linear"}),
+    "WorstCase": Case(lambda s: WorstCase(), {"own", "equivariant", "linear"}),
 }
 NAMES = sorted(SUITE)
 
@@ -203,6 +229,16 @@ GOLDEN = {
     "IMTLG": [0.0767, 1.0, 1.0],
     "NashMTL": [0.0542, 0.7061, 0.7061],
     "RandomWeights": [-2.6229, 1.0, 1.0],
+    # balancers at losses (1, 1): their first-step weights times J
+    "UncertaintyWeighting": [1.0, 1.0, 1.0],  # 1/2 e^-0 each
+    "DWA": [2.0, 2.0, 2.0],  # w = 1 for the first two epochs
+    "DTP": [2.0, 2.0, 2.0],  # no KPI yet: w = 1
+    "RLW": [-2.6229, 1.0, 1.0],  # the same draws as RandomWeights(seed=0)
+    "FAMO": [1.0, 1.0, 1.0],  # softmax(0 - log 1) = 1/2 each
+    "IMTLL": [2.0, 2.0, 2.0],  # e^0
+    "ScaleInvariant": [2.0, 2.0, 2.0],  # 1 / L
+    "GeometricMean": [1.0, 1.0, 1.0],  # GM / (T L) = 1/2
+    "WorstCase": [1.0, 1.0, 1.0],  # softmax(L / tau) = 1/2
 }
 
 

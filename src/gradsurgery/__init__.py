@@ -4,6 +4,7 @@
 gives the shared parameters the update of a gradient-surgery or loss-balancing method.
 """
 
+from gradsurgery import models
 from gradsurgery.aggregators import (
     IMTLG,
     MGDA,
@@ -22,15 +23,31 @@ from gradsurgery.aggregators import (
     UPGrad,
 )
 from gradsurgery.backward import BackwardResult, backward
+from gradsurgery.balancers import (
+    DTP,
+    DWA,
+    FAMO,
+    IMTLL,
+    RLW,
+    GeometricMean,
+    ScaleInvariant,
+    UncertaintyWeighting,
+    WorstCase,
+)
 from gradsurgery.method import Aggregator, Chain, LossWeighting, Method, Weighting, chain
 from gradsurgery.registry import METHODS, make_method
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DTP",
+    "DWA",
+    "FAMO",
     "IMTLG",
+    "IMTLL",
     "METHODS",
     "MGDA",
+    "RLW",
     "Aggregator",
     "AlignedMTL",
     "AuxiliaryCosine",
@@ -41,6 +58,7 @@ __all__ = [
     "DualProj",
     "EqualWeights",
     "FixedWeights",
+    "GeometricMean",
     "GradDrop",
     "GradVac",
     "LossWeighting",
@@ -48,10 +66,14 @@ __all__ = [
     "NashMTL",
     "PCGrad",
     "RandomWeights",
+    "ScaleInvariant",
     "UPGrad",
+    "UncertaintyWeighting",
     "Weighting",
+    "WorstCase",
     "__version__",
     "backward",
     "chain",
     "make_method",
+    "models",
 ]

@@ -133,7 +133,10 @@ def backward(
     if features is not None and (not isinstance(features, Tensor) or not features.requires_grad):
         raise ValueError("features must be a tensor that requires grad (the shared output Z)")
 
-    values = torch.stack([t.detach().reshape(()).float() for t in tensors])
+    value_dtype = torch.float32  # float32 or wider: float64 losses keep their precision
+    for t in tensors:
+        value_dtype = torch.promote_types(value_dtype, t.dtype)
+    values = torch.stack([t.detach().reshape(()).to(value_dtype) for t in tensors])
     finite = torch.isfinite(values)
     skipped: tuple[str, ...] = ()
     if not bool(finite.all()):
@@ -164,7 +167,7 @@ def backward(
     if method.requires == "losses":
         weights = _loss_weights(method, live_values, present)
         _loss_level_backward(live, weights, params, method.weights_task_parameters, retain_graph)
-        full = values.new_zeros(n).index_copy(0, index, weights.float().to(values.device))
+        full = values.new_zeros(n).index_copy(0, index, weights.to(values))
         return BackwardResult(tasks, present, skipped, values, full, None)
 
     pre_weights = None
@@ -208,7 +211,7 @@ def backward(
             updates = [(p, torch.tensordot(weights.to(b.dtype), b, dims=1)) for p, b in pairs]
             _apply(updates, params, features, retain_graph)
         used = weights if pre_weights is None else weights * pre_weights
-        full_weights = values.new_zeros(n).index_copy(0, index, used.float().to(values.device))
+        full_weights = values.new_zeros(n).index_copy(0, index, used.to(values))
         full_gramian = _embed(gramian, index, n)
     elif method.requires == "jacobian":
         jacobian = torch.cat([b.reshape(b.shape[0], -1) for _, b in pairs], dim=1)

@@ -21,6 +21,17 @@ from gradsurgery.aggregators import (
     RandomWeights,
     UPGrad,
 )
+from gradsurgery.balancers import (
+    DTP,
+    DWA,
+    FAMO,
+    IMTLL,
+    RLW,
+    GeometricMean,
+    ScaleInvariant,
+    UncertaintyWeighting,
+    WorstCase,
+)
 from gradsurgery.method import Method
 
 __all__ = ["METHODS", "make_method"]
@@ -42,6 +53,16 @@ METHODS: dict[str, type[Method]] = {
     "config": ConFIG,
     "random_weights": RandomWeights,
     "auxiliary_cosine": AuxiliaryCosine,
+    # loss-level balancers
+    "uncertainty": UncertaintyWeighting,
+    "dwa": DWA,
+    "dtp": DTP,
+    "rlw": RLW,
+    "famo": FAMO,
+    "imtll": IMTLL,
+    "scale_invariant": ScaleInvariant,
+    "geometric_mean": GeometricMean,
+    "worst_case": WorstCase,
 }
 
 
