@@ -81,3 +81,26 @@ def test_learnable_weighting_gets_its_own_gradient_and_the_model_a_constant_weig
         for name, g in grads(b).items():
             torch.testing.assert_close(grads(a)[name], g, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(result.weights, torch.exp(-s))
+
+
+class NormBalance(gs.Weighting):
+    """A toy gradient-informed loss weighting: w_i = 1 / ||g_i|| measured on `shared`."""
+
+    weights_task_parameters = True
+
+    def forward(self, gramian, losses=None, tasks=None):
+        return 1.0 / gramian.diagonal().sqrt()
+
+
+def test_gradient_informed_loss_weighting_scales_the_whole_loss():
+    """G is measured on the given layer only; every parameter gets grad of sum w_i L_i."""
+    a, b = _twins()
+    layer = list(a.backbone[-1].parameters())
+    losses = make_losses(a)
+    jac = per_task_jacobian(losses, layer)
+    weights = 1.0 / jac.norm(dim=1)
+    result = gs.backward(losses, shared=a.backbone[-1], method=NormBalance())
+    torch.testing.assert_close(result.weights, weights)
+    sum(w * loss for w, loss in zip(weights, make_losses(b).values())).backward()
+    for name, g in grads(b).items():
+        torch.testing.assert_close(grads(a)[name], g, atol=1e-6, rtol=1e-5)

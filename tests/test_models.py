@@ -20,6 +20,18 @@ MODELS: dict[str, Callable[[], models.MultiTaskModel]] = {
     "SoftSharing": lambda: models.SoftSharing(TASKS, in_features=6, hidden=[8]),
     "CrossStitch": lambda: models.CrossStitch(TASKS, in_features=6, hidden=[8, 8]),
     "MTAN": lambda: models.MTAN(TASKS, in_features=6, hidden=[8, 8]),
+    "MMoE": lambda: models.MMoE(TASKS, in_features=6, num_experts=3, expert_hidden=[8]),
+    "OMoE": lambda: models.OMoE(TASKS, in_features=6, num_experts=3, expert_hidden=[8]),
+    "MMoE-DSelectK": lambda: models.MMoE(
+        TASKS,
+        in_features=6,
+        num_experts=4,
+        expert_hidden=[8],
+        gate="dselect_k",
+        gate_kwargs={"k": 2},
+    ),
+    "CGC": lambda: models.CGC(TASKS, in_features=6, expert_hidden=[8]),
+    "PLE": lambda: models.PLE(TASKS, in_features=6, expert_hidden=[8]),
 }
 
 

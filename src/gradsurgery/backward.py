@@ -177,12 +177,17 @@ def backward(
         live = [b * loss for b, loss in zip(scale, live)]
         live_values = live_values * pre_weights.to(live_values)
 
+    # A gradient-informed loss weighting (GradNorm): G is measured on `shared` (or the
+    # features), then the weights scale the whole loss, every parameter included.
+    whole_loss = method.requires == "gramian" and method.weights_task_parameters
     heads, targets = _split_parameters(live, params, features)
-    if heads:  # task parameters: the plain gradient of the summed losses
+    if heads and not whole_loss:  # task parameters: the plain gradient of the summed losses
         torch.autograd.backward(_sum(live), inputs=heads, retain_graph=True)
 
-    needs_more_backward = features is not None or (
-        method.requires == "gramian" and update == "backward"
+    needs_more_backward = (
+        features is not None
+        or whole_loss
+        or (method.requires == "gramian" and update == "backward")
     )
     blocks = jacobian_blocks(
         live,
@@ -202,7 +207,11 @@ def backward(
         weights = weights.detach()
         if pre_weights is not None:
             pre_weights = pre_weights.to(weights)
-        if update == "backward":
+        if whole_loss:
+            del pairs, blocks
+            total = _sum([w * loss for w, loss in zip(weights.to(live[0].dtype).unbind(), live)])
+            torch.autograd.backward(total, retain_graph=retain_graph)
+        elif update == "backward":
             del pairs, blocks
             total = _sum([w * loss for w, loss in zip(weights.to(live[0].dtype).unbind(), live)])
             inputs = params if features is not None else targets

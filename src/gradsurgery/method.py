@@ -45,7 +45,10 @@ class Method(nn.Module):
       loss, so task parameters (the heads) receive ``w_i``-weighted gradients exactly as
       ``sum(w_i * L_i).backward()`` gives them. ``False`` for gradient-level methods: the heads
       then receive the plain gradient of ``sum(L_i)`` and only the shared parameters receive the
-      method's combined update.
+      method's combined update. A :class:`Weighting` with ``True`` (GradNorm) reads the
+      Gramian measured on ``shared`` (e.g. the last shared layer) or on the features, and its
+      weights then scale the whole loss: every parameter gets the gradient of
+      ``sum(w_i * L_i)``.
     """
 
     requires: ClassVar[Requirement]

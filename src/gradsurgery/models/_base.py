@@ -33,8 +33,17 @@ class MultiTaskModel(nn.Module):
             raise ValueError("a multi-task model needs at least one task")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate task names: {names}")
+        bad = [t for t in names if not t or "." in t]
+        if bad:
+            raise ValueError(f"task names must be non-empty and contain no '.': {bad}")
         self.tasks = names
         self.features = None
+
+    def __getstate__(self) -> dict:
+        # the last forward's features hold an autograd graph: never copied or pickled
+        state = self.__dict__.copy()
+        state["features"] = None
+        return state
 
     def task_modules(self, task: str) -> list[nn.Module | nn.Parameter]:  # pragma: no cover
         """The modules (or bare parameters) that belong to ``task`` alone."""
