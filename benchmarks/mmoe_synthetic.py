@@ -33,6 +33,13 @@ does better at higher p; MMoE degrades least as p drops; both MoE models beat sh
 whose run-to-run spread is much larger. This script uses one learning rate and far fewer runs
 and steps, so read its numbers as a sanity check, not a reproduction.
 
+Measured here (defaults: 5 seeds, 60k rows, 2 epochs; 191 s on 2 CPU cores): the paper's
+findings do not show at this budget. Mean test MSE of y2 (label variance ~7) at p = 1.0 /
+0.9 / 0.5: MMoE 3.74 / 3.88 / 3.94, OMoE 3.83 / 3.95 / 4.04, shared-bottom 3.76 / 3.90 /
+3.96; every model loses about 0.2 as p drops, the seed-to-seed spread is 0.15-0.2 for all,
+and MMoE minus shared-bottom (paired by seed) is -0.014 +- 0.048, -0.002 +- 0.045,
+-0.006 +- 0.044: level.
+
 How to run
 ----------
 ::
