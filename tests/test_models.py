@@ -32,7 +32,14 @@ MODELS: dict[str, Callable[[], models.MultiTaskModel]] = {
     ),
     "CGC": lambda: models.CGC(TASKS, in_features=6, expert_hidden=[8]),
     "PLE": lambda: models.PLE(TASKS, in_features=6, expert_hidden=[8]),
+    "RotoGrad": lambda: models.RotoGrad(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU()),
+        {"a": nn.Linear(8, 1), "b": nn.Linear(8, 3)},
+        latent_size=8,
+    ),
 }
+# trained through their own step: plain backward (no shared parameters) or model.backward
+OWN_STEP = ("Independent", "SoftSharing", "RotoGrad")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -51,9 +58,7 @@ def test_partition_and_outputs(name):
         list(model.task_parameters("z"))
 
 
-@pytest.mark.parametrize(
-    "name", sorted(n for n in MODELS if n not in ("Independent", "SoftSharing"))
-)
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if n not in OWN_STEP))
 def test_a_pcgrad_step_reaches_every_parameter(name):
     """Shared parameters get the combined update, each task's parameters their own gradient."""
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from gradsurgery.models.independent import Independent
 from gradsurgery.models.mmoe import MMoE, OMoE
 from gradsurgery.models.mtan import MTAN
 from gradsurgery.models.ple import CGC, PLE
+from gradsurgery.models.rotograd import RotoGrad
 from gradsurgery.models.shared_bottom import SharedBottom
 from gradsurgery.models.soft_sharing import SoftSharing
 
@@ -23,6 +24,7 @@ __all__ = [
     "MMoE",
     "MultiTaskModel",
     "OMoE",
+    "RotoGrad",
     "SharedBottom",
     "SoftSharing",
     "TaskConditioned",
