@@ -36,6 +36,7 @@ from gradsurgery.balancers import (
     IMTLL,
     RLW,
     GeometricMean,
+    GradNorm,
     ScaleInvariant,
     UncertaintyWeighting,
     WorstCase,
@@ -87,6 +88,7 @@ SUITE: dict[str, Case] = {
     "ScaleInvariant": Case(lambda s: ScaleInvariant(), {"own", "equivariant", "linear"}),
     "GeometricMean": Case(lambda s: GeometricMean(), {"own", "equivariant", "linear"}),
     "WorstCase": Case(lambda s: WorstCase(), {"own", "equivariant", "linear"}),
+    "GradNorm": Case(lambda s: GradNorm(), {"own", "equivariant", "linear"}),
 }
 NAMES = sorted(SUITE)
 
@@ -239,6 +241,7 @@ GOLDEN = {
     "ScaleInvariant": [2.0, 2.0, 2.0],  # 1 / L
     "GeometricMean": [1.0, 1.0, 1.0],  # GM / (T L) = 1/2
     "WorstCase": [1.0, 1.0, 1.0],  # softmax(L / tau) = 1/2
+    "GradNorm": [2.0, 2.0, 2.0],  # w starts at 1 (the step's weights, before its update)
 }
 
 

@@ -28,6 +28,7 @@ from gradsurgery.balancers import (
     IMTLL,
     RLW,
     GeometricMean,
+    GradNorm,
     ScaleInvariant,
     UncertaintyWeighting,
     WorstCase,
@@ -63,6 +64,7 @@ METHODS: dict[str, type[Method]] = {
     "scale_invariant": ScaleInvariant,
     "geometric_mean": GeometricMean,
     "worst_case": WorstCase,
+    "gradnorm": GradNorm,
 }
 
 

@@ -9,6 +9,7 @@ from gradsurgery.balancers.dtp import DTP
 from gradsurgery.balancers.dwa import DWA
 from gradsurgery.balancers.famo import FAMO
 from gradsurgery.balancers.geometric_mean import GeometricMean
+from gradsurgery.balancers.gradnorm import GradNorm
 from gradsurgery.balancers.imtll import IMTLL
 from gradsurgery.balancers.rlw import RLW
 from gradsurgery.balancers.scale_invariant import ScaleInvariant
@@ -22,6 +23,7 @@ __all__ = [
     "IMTLL",
     "RLW",
     "GeometricMean",
+    "GradNorm",
     "ScaleInvariant",
     "UncertaintyWeighting",
     "WorstCase",

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from gradsurgery.balancers._adam import adam_step
 from gradsurgery.method import LossWeighting
 
 __all__ = ["FAMO"]
@@ -296,16 +297,18 @@ class FAMO(LossWeighting):
 
     def _adam(self, index: Tensor, grad: Tensor) -> None:
         """torch.optim.Adam's update (L2 weight decay, no amsgrad) on the indexed logits."""
-        beta1, beta2 = self.betas
-        param = self._logits[index]
-        grad = grad + self.gamma * param
-        exp_avg = self._exp_avg[index].lerp(grad, 1 - beta1)
-        exp_avg_sq = self._exp_avg_sq[index] * beta2 + (1 - beta2) * grad * grad
-        steps = self._steps[index] + 1
-        bias1 = 1 - beta1 ** steps.to(torch.float64)
-        bias2_sqrt = (1 - beta2 ** steps.to(torch.float64)).sqrt()
-        denom = exp_avg_sq.sqrt() / bias2_sqrt + self.eps
-        self._logits[index] = param - (self.lr / bias1) * exp_avg / denom
+        param, exp_avg, exp_avg_sq, steps = adam_step(
+            self._logits[index],
+            grad,
+            self._exp_avg[index],
+            self._exp_avg_sq[index],
+            self._steps[index],
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.gamma,
+        )
+        self._logits[index] = param
         self._exp_avg[index] = exp_avg
         self._exp_avg_sq[index] = exp_avg_sq
         self._steps[index] = steps

@@ -1,5 +1,6 @@
 """Data sets generated in memory (no downloads)."""
 
+from gradsurgery.datasets.gradnorm_toy import gradnorm_toy
 from gradsurgery.datasets.synthetic import mmoe_synthetic
 
-__all__ = ["mmoe_synthetic"]
+__all__ = ["gradnorm_toy", "mmoe_synthetic"]
