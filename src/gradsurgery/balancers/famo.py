@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import check_number
 from gradsurgery.balancers._adam import adam_step
 from gradsurgery.method import LossWeighting
 
@@ -103,15 +104,15 @@ class FAMO(LossWeighting):
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
-        self.gamma = _number(gamma, "gamma", low=0.0)
-        self.lr = _number(lr, "lr", low=0.0, open_low=True)
+        self.gamma = check_number(gamma, "gamma", low=0.0)
+        self.lr = check_number(lr, "lr", low=0.0, open_low=True)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         self.betas = (
-            _number(betas[0], "betas[0]", low=0.0, high=1.0),
-            _number(betas[1], "betas[1]", low=0.0, high=1.0),
+            check_number(betas[0], "betas[0]", low=0.0, high=1.0),
+            check_number(betas[1], "betas[1]", low=0.0, high=1.0),
         )
-        self.eps = _number(eps, "eps", low=0.0, open_low=True)
+        self.eps = check_number(eps, "eps", low=0.0, open_low=True)
         self._bound_all: float | None = None
         self._bound_map: dict[str, float] | None = None
         self._bound_seq: list[float] | None = None
@@ -348,26 +349,7 @@ class FAMO(LossWeighting):
         return f"min_losses={bounds}, gamma={self.gamma}, lr={self.lr}"
 
 
-def _number(
-    value: object,
-    name: str,
-    low: float | None = None,
-    high: float | None = None,
-    open_low: bool = False,
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if low is not None and (v <= low if open_low else v < low):
-        raise ValueError(f"{name} must be {'>' if open_low else '>='} {low}, got {value!r}")
-    if high is not None and v >= high:
-        raise ValueError(f"{name} must be < {high}, got {value!r}")
-    return v
-
-
 def _bound(value: object, name: str) -> float:
     if isinstance(value, Tensor):
         value = float(value.detach().reshape(()))
-    return _number(value, name)
+    return check_number(value, name)

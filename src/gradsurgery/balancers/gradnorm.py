@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import check_number
 from gradsurgery.balancers._adam import adam_step
 from gradsurgery.method import Weighting
 
@@ -176,16 +177,16 @@ class GradNorm(Weighting):
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
-        self.alpha = _number(alpha, "alpha", low=0.0)
-        self.lr = _number(lr, "lr", low=0.0, open_low=True)
-        self.min_weight = _number(min_weight, "min_weight", low=0.0, high=1.0, open_low=True)
+        self.alpha = check_number(alpha, "alpha", low=0.0)
+        self.lr = check_number(lr, "lr", low=0.0, open_low=True)
+        self.min_weight = check_number(min_weight, "min_weight", low=0.0, high=1.0, open_low=True)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         self.betas = (
-            _number(betas[0], "betas[0]", low=0.0, high=1.0),
-            _number(betas[1], "betas[1]", low=0.0, high=1.0),
+            check_number(betas[0], "betas[0]", low=0.0, high=1.0),
+            check_number(betas[1], "betas[1]", low=0.0, high=1.0),
         )
-        self.eps = _number(eps, "eps", low=0.0, open_low=True)
+        self.eps = check_number(eps, "eps", low=0.0, open_low=True)
         self.fixed_tasks: tuple[str, ...] | None = None
         if tasks is not None:
             if isinstance(tasks, str):
@@ -200,7 +201,7 @@ class GradNorm(Weighting):
         for task, value in (initial_losses or {}).items():
             if isinstance(value, Tensor):
                 value = float(value.detach().reshape(()))
-            v = _number(value, f"initial_losses[{task!r}]", low=0.0, open_low=True)
+            v = check_number(value, f"initial_losses[{task!r}]", low=0.0, open_low=True)
             self.given_initial[str(task)] = v
         if self.fixed_tasks is not None:
             unknown = [t for t in self.given_initial if t not in self.fixed_tasks]
@@ -372,22 +373,3 @@ class GradNorm(Weighting):
     def extra_repr(self) -> str:
         tasks = "" if self.fixed_tasks is None else f", tasks={self.fixed_tasks}"
         return f"alpha={self.alpha}, lr={self.lr}, min_weight={self.min_weight}{tasks}"
-
-
-def _number(
-    value: object,
-    name: str,
-    low: float | None = None,
-    high: float | None = None,
-    open_low: bool = False,
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if low is not None and (v <= low if open_low else v < low):
-        raise ValueError(f"{name} must be {'>' if open_low else '>='} {low}, got {value!r}")
-    if high is not None and v >= high:
-        raise ValueError(f"{name} must be < {high}, got {value!r}")
-    return v
