@@ -41,7 +41,18 @@ raises the small-sigma task's weight above 1 (in general the smaller sigma, the 
 keeps ``sum w = T`` and beats both equal weights and uncertainty weighting on the metric,
 which it reports grows the weights "too large too quickly".
 
-Measured here: see the docstring's end (filled in from a run of this script).
+Measured here (3 seeds, Adam lr 1e-3, w lr 0.025, alpha 0.12; test sum_i L_i / L_i(0), lower
+is better, mean ± std):
+
+* T2, 15 000 steps (``--settings T2 --steps 15000``, 1 231 s): equal 1.499 ± 0.025,
+  uncertainty 1.218 ± 0.007, GradNorm 1.585 ± 0.015, GradNorm on z 1.517 ± 0.005. GradNorm
+  does what the paper says to the weights (the sigma = 1 task's weight rises to 1.99, the
+  sigma = 100 task's falls to 0.01, sum w = T to 6e-8, w > 0 always) but does NOT beat equal
+  weights here, and uncertainty weighting is best: the paper's T2 claim does not reproduce.
+* T10, 5 000 steps (``--settings T10``, 938 s): equal 8.53 ± 0.08, uncertainty 8.73 ± 0.07,
+  GradNorm 8.03 ± 0.04, GradNorm on z 7.94 ± 0.12 (paired with equal: -0.50 ± 0.07 and
+  -0.60 ± 0.13). Weights ordered by sigma (3.5 for sigma = 1 down to 0.018 for sigma = 100):
+  the paper's T10 claim reproduces.
 
 How to run
 ----------
@@ -56,7 +67,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -248,6 +261,7 @@ def plot(results: list[RunResult], path: str) -> None:
         ax.set_title(f"GradNorm weights, {setting} (seed {runs[0].seed})")
         ax.set_xlabel("step")
         ax.set_ylabel("w_i")
+        ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -267,7 +281,12 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--n-test", type=int, default=2_000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--plot", type=str, default="gradnorm_toy_weights.png")
+    parser.add_argument(
+        "--plot",
+        type=str,
+        default=os.path.join(tempfile.gettempdir(), "gradnorm_toy_weights.png"),
+        help="where the PNG of GradNorm's weights goes (needs matplotlib)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 seeds, T2, 1 500 steps")
     args = parser.parse_args()
     if args.quick:
