@@ -49,6 +49,11 @@ is better, mean ± std):
   does what the paper says to the weights (the sigma = 1 task's weight rises to 1.99, the
   sigma = 100 task's falls to 0.01, sum w = T to 6e-8, w > 0 always) but does NOT beat equal
   weights here, and uncertainty weighting is best: the paper's T2 claim does not reproduce.
+  With w's lr 1e-3 (smoother w): GradNorm 1.603 ± 0.016, on z 1.592 ± 0.015, so the w noise
+  of lr 0.025 is not the cause. At the default 5 000 steps (375 s): equal 1.775 ± 0.018,
+  uncertainty 1.792 ± 0.005, GradNorm 1.765 ± 0.018 (paired -0.010 ± 0.027), on z
+  1.719 ± 0.015 (paired -0.056 ± 0.011). A plain-SGD variant learned nothing in 1 000 steps
+  at lr 1e-4 to 1e-6 and was not pursued.
 * T10, 5 000 steps (``--settings T10``, 938 s): equal 8.53 ± 0.08, uncertainty 8.73 ± 0.07,
   GradNorm 8.03 ± 0.04, GradNorm on z 7.94 ± 0.12 (paired with equal: -0.50 ± 0.07 and
   -0.60 ± 0.13). Weights ordered by sigma (3.5 for sigma = 1 down to 0.018 for sigma = 100):

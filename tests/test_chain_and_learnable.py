@@ -48,6 +48,8 @@ def test_chain_rejects_wrong_kinds():
         gs.chain(gs.PCGrad(seed=0), gs.MGDA())
     with pytest.raises(TypeError, match="Weighting or an Aggregator"):
         gs.chain(gs.EqualWeights(), gs.EqualWeights())
+    with pytest.raises(TypeError, match="weights whole losses"):
+        gs.chain(gs.EqualWeights(), gs.GradNorm())
 
 
 class ExpWeights(gs.LossWeighting):

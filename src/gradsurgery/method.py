@@ -145,6 +145,11 @@ class Chain(Method):
             raise TypeError(
                 f"chain's second method must be a Weighting or an Aggregator, got {aggregator!r}"
             )
+        if aggregator.weights_task_parameters:
+            raise TypeError(
+                f"chain's second method must be gradient-level; {type(aggregator).__name__} "
+                "weights whole losses itself (use it alone, not inside a chain)"
+            )
         self.balancer = balancer
         self.aggregator = aggregator
 
