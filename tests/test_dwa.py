@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
 import io
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -16,48 +11,10 @@ import torch
 from torch import nn
 
 import gradsurgery as gs
-from conftest import TwoLevelModel, grads, make_losses
+from conftest import TwoLevelModel, grads, libmtl_weighting, make_losses
 from gradsurgery.balancers.dwa import DWA
 
 TASKS = ("a", "b", "c")
-
-
-def _libmtl(name: str) -> types.ModuleType:
-    """LibMTL 1.1.5's ``LibMTL.weighting.<name>``, imported without running any package
-    ``__init__`` (they need torchvision), as tests/test_reference_libmtl.py does; skips when
-    LibMTL 1.1.5 is not installed (``pip install --no-deps LibMTL==1.1.5``)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL is not installed (pip install --no-deps LibMTL==1.1.5)")
-    try:
-        version = importlib.metadata.version("LibMTL")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    if version != "1.1.5":
-        pytest.skip(f"written for LibMTL 1.1.5, found {version}")
-    root = next(iter(spec.submodule_search_locations))
-
-    def ours(key: str) -> bool:
-        return key == "LibMTL" or key.startswith("LibMTL.")
-
-    saved = {k: v for k, v in sys.modules.items() if ours(k)}
-    try:
-        for k in saved:
-            del sys.modules[k]
-        package = types.ModuleType("LibMTL")
-        package.__path__ = [root]
-        weighting = types.ModuleType("LibMTL.weighting")
-        weighting.__path__ = [f"{root}/weighting"]
-        package.weighting = weighting
-        sys.modules["LibMTL"] = package
-        sys.modules["LibMTL.weighting"] = weighting
-        return importlib.import_module(f"LibMTL.weighting.{name}")
-    except ImportError as error:
-        pytest.skip(f"cannot import LibMTL.weighting.{name}: {error!r}")
-    finally:
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 def _scripted_losses(epochs: int, steps: int, tasks: int, seed: int = 0) -> np.ndarray:
@@ -294,7 +251,7 @@ def test_matches_libmtl_dwa_on_a_scripted_loss_sequence():
     """LibMTL's trainer stores each epoch's mean training loss in ``train_loss_buffer`` (equal
     batch sizes here) and its DWA weights epoch e >= 2 by ``T softmax(buffer[e-1] /
     buffer[e-2] / T)``: the same weights as ours at every step (it computes in float32)."""
-    module = _libmtl("DWA")
+    module = libmtl_weighting("DWA")
     epochs, steps, tasks = 7, 5, 4
     sequence = _scripted_losses(epochs, steps, tasks, seed=3)
     names = tuple(f"t{i}" for i in range(tasks))

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
 import io
 import math
-import sys
-import types
 
 import pytest
 import torch
 from torch import nn
 
 import gradsurgery as gs
-from conftest import TwoLevelModel, grads, make_losses
+from conftest import TwoLevelModel, grads, libmtl_weighting, make_losses
 from gradsurgery.balancers.geometric_mean import GeometricMean
 from gradsurgery.balancers.scale_invariant import ScaleInvariant
 
@@ -119,45 +114,9 @@ def test_state_dict_round_trip():
 # --------------------------------------------------------------------------- LibMTL
 
 
-LIBMTL_VERSION = "1.1.5"
-
-
 def _libmtl_gls() -> type:
-    """LibMTL 1.1.5's ``weighting.GLS`` without running LibMTL's ``__init__`` (it imports
-    torchvision); the way tests/test_reference_libmtl.py loads it. Skips when absent."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"LibMTL is not installed (pip install --no-deps LibMTL=={LIBMTL_VERSION})")
-    try:
-        version = importlib.metadata.version("LibMTL")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    if version != LIBMTL_VERSION:
-        pytest.skip(f"written for LibMTL {LIBMTL_VERSION}, found {version}")
-    root = next(iter(spec.submodule_search_locations))
-
-    def ours(name: str) -> bool:
-        return name == "LibMTL" or name.startswith("LibMTL.")
-
-    saved = {k: v for k, v in sys.modules.items() if ours(k)}
-    try:
-        for k in saved:
-            del sys.modules[k]
-        package = types.ModuleType("LibMTL")
-        package.__path__ = [root]
-        weighting = types.ModuleType("LibMTL.weighting")
-        weighting.__path__ = [f"{root}/weighting"]
-        package.weighting = weighting
-        sys.modules["LibMTL"] = package
-        sys.modules["LibMTL.weighting"] = weighting
-        module = importlib.import_module("LibMTL.weighting.GLS")
-    except ImportError as error:
-        pytest.skip(f"cannot import LibMTL's GLS: {error!r}")
-    finally:
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
-    return module.GLS
+    """LibMTL 1.1.5's ``weighting.GLS`` (skips when LibMTL is absent)."""
+    return libmtl_weighting("GLS").GLS
 
 
 def _libmtl_run(jac: torch.Tensor, offsets: torch.Tensor):

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
 import io
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -15,48 +10,10 @@ import torch
 from torch import nn
 
 import gradsurgery as gs
-from conftest import TwoLevelModel, grads, make_losses
+from conftest import TwoLevelModel, grads, libmtl_weighting, make_losses
 from gradsurgery.balancers.rlw import RLW
 
 TASKS = ("a", "b", "c")
-
-
-def _libmtl(name: str) -> types.ModuleType:
-    """LibMTL 1.1.5's ``LibMTL.weighting.<name>``, imported without running any package
-    ``__init__`` (they need torchvision), as tests/test_reference_libmtl.py does; skips when
-    LibMTL 1.1.5 is not installed (``pip install --no-deps LibMTL==1.1.5``)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL is not installed (pip install --no-deps LibMTL==1.1.5)")
-    try:
-        version = importlib.metadata.version("LibMTL")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    if version != "1.1.5":
-        pytest.skip(f"written for LibMTL 1.1.5, found {version}")
-    root = next(iter(spec.submodule_search_locations))
-
-    def ours(key: str) -> bool:
-        return key == "LibMTL" or key.startswith("LibMTL.")
-
-    saved = {k: v for k, v in sys.modules.items() if ours(k)}
-    try:
-        for k in saved:
-            del sys.modules[k]
-        package = types.ModuleType("LibMTL")
-        package.__path__ = [root]
-        weighting = types.ModuleType("LibMTL.weighting")
-        weighting.__path__ = [f"{root}/weighting"]
-        package.weighting = weighting
-        sys.modules["LibMTL"] = package
-        sys.modules["LibMTL.weighting"] = weighting
-        return importlib.import_module(f"LibMTL.weighting.{name}")
-    except ImportError as error:
-        pytest.skip(f"cannot import LibMTL.weighting.{name}: {error!r}")
-    finally:
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 def _draw(method: RLW, n: int = 3) -> torch.Tensor:
@@ -149,7 +106,7 @@ def test_generator_argument_is_used():
 
 def _libmtl_rlw_draws(tasks: int, draws: int, seed: int) -> np.ndarray:
     """LibMTL's RLW weights (dist='Normal'), torch's global generator seeded (state restored)."""
-    module = _libmtl("RLW")
+    module = libmtl_weighting("RLW")
     theirs = module.RLW()
     theirs.task_num = tasks
     theirs.device = torch.device("cpu")
