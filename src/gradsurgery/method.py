@@ -24,6 +24,7 @@ every method checkpoints through ``state_dict()`` / ``load_state_dict()``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import ClassVar, Literal
 
 from torch import Tensor, nn
@@ -53,6 +54,33 @@ class Method(nn.Module):
 
     requires: ClassVar[Requirement]
     weights_task_parameters: ClassVar[bool] = False
+    #: ``True`` for methods that read a per-step key performance indicator per task (DTP):
+    #: a training loop then calls :meth:`observe_kpis` before each backward.
+    needs_kpis: ClassVar[bool] = False
+
+    # ---------------------------------------------------------------- training-loop hooks
+    # A training loop (gs.Trainer, or the user's own) calls these; every method accepts them,
+    # and the ones that need more than the backward (FAMO, DWA, DTP) override them. A loop
+    # thus needs no method-specific branch.
+
+    def observe_kpis(self, kpis: Mapping[str, float]) -> None:
+        """Per-task KPIs in [0, 1] (higher is better) of the step's batch, before backward.
+
+        Called only when :attr:`needs_kpis` is ``True``. Default: nothing.
+        """
+
+    def after_step(self, recompute: Callable[[], Mapping[str, Tensor]]) -> None:
+        """After ``optimizer.step()``; ``recompute()`` gives the losses on the same batch.
+
+        Methods that learn from the loss change (FAMO) call ``recompute`` (one extra forward,
+        no backward); the default does nothing and never calls it.
+        """
+
+    def end_epoch(self, losses: Mapping[str, float]) -> None:
+        """At the end of a training epoch, with the epoch's mean training loss per task.
+
+        Default: nothing (DWA closes its epoch here).
+        """
 
 
 class LossWeighting(Method):
@@ -156,6 +184,30 @@ class Chain(Method):
     @property
     def requires(self) -> Requirement:  # type: ignore[override]
         return self.aggregator.requires
+
+    @property
+    def needs_kpis(self) -> bool:  # type: ignore[override]
+        return self.balancer.needs_kpis or self.aggregator.needs_kpis
+
+    def observe_kpis(self, kpis: Mapping[str, float]) -> None:
+        for m in (self.balancer, self.aggregator):
+            if m.needs_kpis:
+                m.observe_kpis(kpis)
+
+    def after_step(self, recompute: Callable[[], Mapping[str, Tensor]]) -> None:
+        cache: list[Mapping[str, Tensor]] = []
+
+        def once() -> Mapping[str, Tensor]:  # one forward even if both members ask
+            if not cache:
+                cache.append(recompute())
+            return cache[0]
+
+        self.balancer.after_step(once)
+        self.aggregator.after_step(once)
+
+    def end_epoch(self, losses: Mapping[str, float]) -> None:
+        self.balancer.end_epoch(losses)
+        self.aggregator.end_epoch(losses)
 
     def forward(self, *args: object, **kwargs: object) -> Tensor:
         return self.aggregator(*args, **kwargs)

@@ -107,6 +107,12 @@ class DTP(LossWeighting):
                 value if old is None else self.alpha * value + (1.0 - self.alpha) * old
             )
 
+    needs_kpis = True
+
+    def observe_kpis(self, kpis: Mapping[str, float]) -> None:
+        """The training-loop hook: same as :meth:`update_kpis`."""
+        self.update_kpis(kpis)
+
     def forward(self, losses: Tensor, tasks: tuple[str, ...]) -> Tensor:
         if losses.dim() != 1 or losses.shape[0] != len(tasks):
             raise ValueError(

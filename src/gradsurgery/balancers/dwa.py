@@ -95,6 +95,10 @@ class DWA(LossWeighting):
 
     # ------------------------------------------------------------------ protocol
 
+    def end_epoch(self, losses: Mapping[str, float]) -> None:
+        """The training-loop hook: :meth:`step_epoch` with the epoch's mean losses."""
+        self.step_epoch(losses if self.window is None else None)
+
     def forward(self, losses: Tensor, tasks: tuple[str, ...]) -> Tensor:
         values = _check_losses(losses, tasks)
         if self.window is None:

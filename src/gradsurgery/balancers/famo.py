@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -139,6 +139,11 @@ class FAMO(LossWeighting):
         self.reset()
 
     # ------------------------------------------------------------------ the protocol
+
+    def after_step(self, recompute: Callable[[], Mapping[str, Tensor]]) -> None:
+        """The training-loop hook: :meth:`update` with the recomputed losses (if a forward ran)."""
+        if self._prev is not None:
+            self.update(recompute())
 
     def forward(self, losses: Tensor, tasks: tuple[str, ...]) -> Tensor:
         names = tuple(str(t) for t in tasks)
