@@ -1,0 +1,328 @@
+"""The ``gradsurgery`` command: ``demo``, ``bench``, ``list``, ``toy2d``.
+
+Built with ``typer`` and ``rich`` (the ``cli`` extra). Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from gradsurgery.benchmarks._base import MissingDataError, Splits
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Multi-task learning with gradient surgery and loss balancing: demo, benchmarks, toys.",
+)
+
+#: the methods the demo compares (the issue's list), besides the single-task baseline
+DEMO_METHODS = ("equal", "pcgrad", "mgda", "gradnorm", "uncertainty", "cagrad")
+_CONFIG_KEYS = (
+    "benchmark",
+    "methods",
+    "seeds",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "out",
+    "cache",
+)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    _console().print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _shrink(splits: Splits, n_train: int = 512, n_eval: int = 256) -> Splits:
+    """The fast mode: the first examples of each split (a smoke run, not a result)."""
+    import torch
+
+    from gradsurgery.training.data import MultiInputData, MultiTaskData
+
+    def cut(data: Any, n: int) -> Any:
+        if isinstance(data, MultiTaskData):
+            return data.subset(torch.arange(min(n, len(data))))
+        assert isinstance(data, MultiInputData)
+        return MultiInputData({t: (x[:n], y[:n]) for t, (x, y) in data.sets.items()})
+
+    return Splits(cut(splits.train, n_train), cut(splits.val, n_eval), cut(splits.test, n_eval))
+
+
+def _parse_methods(text: str | list | dict) -> dict[str, dict]:
+    from gradsurgery.registry import METHODS
+
+    if isinstance(text, dict):
+        methods = {str(k): dict(v or {}) for k, v in text.items()}
+    elif isinstance(text, list):
+        methods = {str(k): {} for k in text}
+    else:
+        methods = {m.strip(): {} for m in str(text).split(",") if m.strip()}
+    if not methods:
+        _fail("give at least one method")
+    for name in methods:
+        if name.lower().replace("-", "_") not in METHODS:
+            _fail(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return methods
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError:
+        _fail("--config needs PyYAML: pip install 'gradsurgery[cli]'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        _fail(f"cannot read config {path}: {e}")
+    except yaml.YAMLError as e:
+        _fail(f"config {path} is not valid YAML: {e}")
+    if not isinstance(data, dict):
+        _fail(f"config {path} must be a mapping of settings")
+    unknown = sorted(set(data) - set(_CONFIG_KEYS))
+    if unknown:
+        _fail(f"config {path}: unknown key(s) {unknown}; valid: {', '.join(_CONFIG_KEYS)}")
+    return data
+
+
+def _run(
+    benchmark: str,
+    methods: dict[str, dict],
+    seeds: int,
+    overrides: dict[str, Any],
+    out: Path,
+    fast: bool,
+    cache: bool,
+    title: str,
+) -> Path:
+    from gradsurgery.benchmarks import get_benchmark
+    from gradsurgery.benchmarks.run import run_benchmark
+
+    console = _console()
+    try:
+        bench = get_benchmark(benchmark)
+    except ValueError as e:
+        _fail(str(e))
+    run_dir = out / _timestamp()
+    n = 0
+    total = seeds * (len(methods) + 1)
+
+    def on_run(r: Any) -> None:
+        nonlocal n
+        n += 1
+        accs = ", ".join(
+            f"{t} {', '.join(f'{k} {v:.4g}' for k, v in m.items())}" for t, m in r.test.items()
+        )
+        console.print(
+            f"[{n}/{total}] {r.method:>14} seed {r.seed}: {accs}  "
+            f"({r.seconds:.1f} s, {1000 * r.step_time:.1f} ms/step)",
+            highlight=False,
+        )
+
+    console.print(f"{title}: {bench.name} ({bench.description}); writing to {run_dir}")
+    try:
+        report = run_benchmark(
+            bench,
+            methods,
+            seeds,
+            out_dir=run_dir,
+            cache_dir=(out / ".baselines") if cache else None,
+            overrides=overrides,
+            shrink=_shrink if fast else None,
+            on_run=on_run,
+        )
+    except MissingDataError as e:
+        _fail(str(e), code=1)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(_jsonable(report.to_json()), indent=1))
+    table = report.markdown()
+    header = (
+        f"# {bench.name}: {', '.join(report.methods)}\n\n"
+        f"Test metrics (mean ± std over {len(report.seeds)} seeds; model chosen on the "
+        f"validation split), delta-m % against the single-task baseline (positive is better), "
+        f"median time per step relative to equal weights. Settings: {report.settings}"
+        f"{' (fast mode: a smoke run on a few hundred examples, not a result)' if fast else ''}"
+        ".\n\n"
+    )
+    (run_dir / "results.md").write_text(header + table)
+    _print_table(console, report)
+    try:
+        from gradsurgery.benchmarks.plots import plot_report
+
+        plots = plot_report(report, run_dir)
+        console.print("plots: " + ", ".join(str(p) for p in plots))
+    except ImportError as e:
+        console.print(f"[yellow]no plots[/]: {e}")
+    console.print(f"results: {run_dir / 'results.md'}, {run_dir / 'results.json'}")
+    return run_dir
+
+
+def _print_table(console: Any, report: Any) -> None:
+    from rich.table import Table
+
+    from gradsurgery.benchmarks.run import BASELINE, _fmt, _fmt_pm
+
+    rows = report.summary()
+    table = Table(title=f"{report.benchmark}: test metrics over {len(report.seeds)} seed(s)")
+    keys = list(rows[0]["metrics"]) if rows else []
+    table.add_column("method")
+    for k in keys:
+        table.add_column(k, justify="right")
+    table.add_column("Δm %", justify="right")
+    table.add_column("time/step vs equal", justify="right")
+    for row in rows:
+        dm = "0 (ref)" if row["method"] == BASELINE else _fmt_pm(row["delta_m"], 2)
+        ratio = row["time_ratio"]
+        table.add_row(
+            row["method"],
+            *[_fmt(row["metrics"][k], k) for k in keys],
+            dm,
+            "-" if math.isnan(ratio) else f"{ratio:.2f}x",
+        )
+    console.print(table)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@app.command()
+def demo(
+    fast: bool = typer.Option(False, "--fast", help="Smoke run: 1 epoch on ~500 examples."),
+    seeds: int = typer.Option(2, min=1, help="Seeds per method."),
+    epochs: int | None = typer.Option(None, min=1, help="Override the benchmark's epochs."),
+    out: Path = typer.Option(Path("runs"), help="Where runs/<timestamp>/ is written."),
+    threads: int | None = typer.Option(None, min=1, help="torch.set_num_threads."),
+) -> None:
+    """The main job: equal weights, PCGrad, MGDA, GradNorm, uncertainty weighting and CAGrad on
+    MultiMNIST (real digits, no download) with the single-task baseline."""
+    _threads(threads)
+    overrides = {"epochs": 1 if fast and epochs is None else epochs}
+    _run("multimnist", {m: {} for m in DEMO_METHODS}, seeds, overrides, out, fast, True, "demo")
+
+
+@app.command()
+def bench(
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark name."),
+    methods: str | None = typer.Option(None, help="Comma-separated method names."),
+    seeds: int | None = typer.Option(None, min=1, help="Seeds per method (default 2)."),
+    epochs: int | None = typer.Option(None, min=1),
+    batch_size: int | None = typer.Option(None, min=1),
+    lr: float | None = typer.Option(None, min=0.0),
+    config: Path | None = typer.Option(None, help="YAML file with any of these settings."),
+    out: Path | None = typer.Option(None, help="Output root (default runs/)."),
+    fast: bool = typer.Option(False, "--fast", help="Smoke run on a few hundred examples."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Retrain the baselines."),
+    threads: int | None = typer.Option(None, min=1),
+) -> None:
+    """Train methods on a benchmark over seeds; table, JSON and plots in runs/<timestamp>/."""
+    _threads(threads)
+    cfg = _load_config(config) if config is not None else {}
+    name = benchmark or cfg.get("benchmark")
+    if not name:
+        _fail("give --benchmark (see `gradsurgery list`)")
+    chosen = _parse_methods(methods if methods is not None else cfg.get("methods", "equal"))
+    overrides = {
+        "epochs": epochs if epochs is not None else cfg.get("epochs"),
+        "batch_size": batch_size if batch_size is not None else cfg.get("batch_size"),
+        "lr": lr if lr is not None else cfg.get("lr"),
+        "optimizer": cfg.get("optimizer"),
+        "weight_decay": cfg.get("weight_decay"),
+    }
+    n_seeds = seeds if seeds is not None else int(cfg.get("seeds", 2))
+    root = out if out is not None else Path(cfg.get("out", "runs"))
+    cache = not no_cache and bool(cfg.get("cache", True))
+    _run(str(name), chosen, n_seeds, overrides, root, fast, cache, "bench")
+
+
+@app.command("list")
+def list_() -> None:
+    """Methods, models and benchmarks, one line each."""
+    from gradsurgery import models
+    from gradsurgery.benchmarks import BENCHMARKS
+    from gradsurgery.registry import METHODS
+
+    console = _console()
+    console.print("[bold]methods[/] (use the name with --methods)")
+    for name, cls in METHODS.items():
+        console.print(f"  {name:<18} {_first_line(cls)}", highlight=False)
+    console.print("[bold]models[/] (gradsurgery.models)")
+    for name in models.__all__:
+        obj = getattr(models, name)
+        if isinstance(obj, type):
+            console.print(f"  {name:<18} {_first_line(obj)}", highlight=False)
+    console.print("[bold]benchmarks[/] (use the name with --benchmark)")
+    for name, b in BENCHMARKS.items():
+        note = "" if b.install is None else f"  [dim](data: {b.install})[/]"
+        console.print(f"  {name:<18} {b.description}{note}", highlight=False)
+
+
+@app.command()
+def toy2d(
+    methods: str = typer.Option("equal,mgda,pcgrad,cagrad,nash_mtl", help="Methods to trace."),
+    steps: int | None = typer.Option(None, min=1, help="Adam steps per trajectory."),
+    out: Path = typer.Option(Path("runs"), help="Where runs/<timestamp>-toy2d/ is written."),
+) -> None:
+    """The CAGrad / Nash-MTL two-objective toy: trajectories of each method over the losses."""
+    from gradsurgery.benchmarks.toy2d import plot_toy2d, run_toy2d
+
+    chosen = list(_parse_methods(methods))
+    kwargs = {} if steps is None else {"steps": steps}
+    console = _console()
+    result = run_toy2d(chosen, **kwargs)
+    run_dir = out / f"{_timestamp()}-toy2d"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console.print(result.table() if hasattr(result, "table") else str(result), highlight=False)
+    try:
+        path = plot_toy2d(result, run_dir / "toy2d.png")
+        console.print(f"plot: {path}")
+    except ImportError as e:
+        console.print(f"[yellow]no plot[/]: {e}")
+
+
+def _first_line(obj: Any) -> str:
+    doc = (obj.__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(n)
+    elif os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def main() -> None:
+    """Entry point of the ``gradsurgery`` console script."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
