@@ -144,4 +144,3 @@ def as_specs(tasks: Sequence[TaskSpec] | dict[str, TaskSpec]) -> tuple[TaskSpec,
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate task names: {names}")
     return specs
-
