@@ -254,7 +254,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
     newest = tmp_path / "checkpoints" / "epoch-2.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated by a crash
     trainer = Trainer(_model(), SPECS, epochs=3, batch_size=32, run_dir=tmp_path, resume=True)
-    with pytest.warns(RuntimeWarning, match="epoch-2.pt"):
+    with pytest.warns(RuntimeWarning, match=r"epoch-2\.pt"):
         result = trainer.fit(data)
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
 
