@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gradsurgery.training.batches import MultiInputBatches, SameInputBatches
-from gradsurgery.training.samplers import TaskSampler, make_sampler
 from torch import Tensor, nn
 
 from gradsurgery.backward import backward
 from gradsurgery.method import Method
+from gradsurgery.training.batches import MultiInputBatches, SameInputBatches
 from gradsurgery.training.callbacks import (
     Callback,
     JsonlLogger,
@@ -41,6 +40,7 @@ from gradsurgery.training.checkpoint import (
 )
 from gradsurgery.training.data import MultiInputData, MultiTaskData
 from gradsurgery.training.metrics import delta_m
+from gradsurgery.training.samplers import TaskSampler, make_sampler
 from gradsurgery.training.tasks import TaskSpec, as_specs
 
 __all__ = ["FitResult", "Trainer"]
@@ -390,8 +390,9 @@ class Trainer:
             self.method.after_step(lambda: self._recompute(batch_ref))
         elapsed = time.perf_counter() - begin
         values = {t: float(v) for t, v in zip(live, torch.stack(list(live.values())).tolist())}
-        if values:
-            self.sampler.observe(values)
+        finite = {t: v for t, v in values.items() if math.isfinite(v)}  # skipped NaN/Inf
+        if finite:
+            self.sampler.observe(finite)
         record: dict[str, Any] = {
             "step": step,
             "epoch": self.epoch,
