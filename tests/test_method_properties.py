@@ -42,6 +42,13 @@ from gradsurgery.balancers import (
     WorstCase,
 )
 from gradsurgery.method import Method
+from gradsurgery.moo import (
+    EpsilonConstraint,
+    SmoothTchebycheff,
+    WeightedLp,
+    WeightedSum,
+    WeightedTchebycheff,
+)
 
 
 @dataclass
@@ -89,6 +96,20 @@ SUITE: dict[str, Case] = {
     "GeometricMean": Case(lambda s: GeometricMean(), {"own", "equivariant", "linear"}),
     "WorstCase": Case(lambda s: WorstCase(), {"own", "equivariant", "linear"}),
     "GradNorm": Case(lambda s: GradNorm(), {"own", "equivariant", "linear"}),
+    # multi-objective scalarisations: weights = d(scalarisation)/d(losses), all losses 1 here
+    "WeightedSum": Case(lambda s: WeightedSum([1.0] * 64), {"own", "equivariant", "linear"}),
+    "WeightedTchebycheff": Case(
+        lambda s: WeightedTchebycheff([1.0] * 64, 0.0), {"own", "equivariant", "linear"}
+    ),
+    "SmoothTchebycheff": Case(
+        lambda s: SmoothTchebycheff([1.0] * 64, 0.0), {"own", "equivariant", "linear"}
+    ),
+    "WeightedLp": Case(
+        lambda s: WeightedLp([1.0] * 64, 0.0, p=2), {"own", "equivariant", "linear"}
+    ),
+    "EpsilonConstraint": Case(
+        lambda s: EpsilonConstraint("0", {str(i): 1.0 for i in range(1, 64)}), {"own", "linear"}
+    ),
 }
 NAMES = sorted(SUITE)
 
@@ -242,6 +263,11 @@ GOLDEN = {
     "GeometricMean": [1.0, 1.0, 1.0],  # GM / (T L) = 1/2
     "WorstCase": [1.0, 1.0, 1.0],  # softmax(L / tau) = 1/2
     "GradNorm": [2.0, 2.0, 2.0],  # w starts at 1 (the step's weights, before its update)
+    "WeightedSum": [2.0, 2.0, 2.0],  # w = 1 each
+    "WeightedTchebycheff": [1.0, 1.0, 1.0],  # a tie of the two maxima: 1/2 each
+    "SmoothTchebycheff": [1.0, 1.0, 1.0],  # softmax of equal terms: 1/2 each
+    "WeightedLp": [1.4142, 1.4142, 1.4142],  # (d_i / s)^(p-1) = 1/sqrt(2) each
+    "EpsilonConstraint": [-4.0, 1.0, 1.0],  # primary 1; L_1 = eps_1 = 1, lambda 0: weight 0
 }
 
 

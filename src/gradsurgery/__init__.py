@@ -4,7 +4,7 @@
 gives the shared parameters the update of a gradient-surgery or loss-balancing method.
 """
 
-from gradsurgery import models
+from gradsurgery import models, moo
 from gradsurgery.aggregators import (
     IMTLG,
     MGDA,
@@ -36,6 +36,13 @@ from gradsurgery.balancers import (
     WorstCase,
 )
 from gradsurgery.method import Aggregator, Chain, LossWeighting, Method, Weighting, chain
+from gradsurgery.moo import (
+    EpsilonConstraint,
+    SmoothTchebycheff,
+    WeightedLp,
+    WeightedSum,
+    WeightedTchebycheff,
+)
 from gradsurgery.registry import METHODS, make_method
 
 __version__ = "0.1.0"
@@ -57,6 +64,7 @@ __all__ = [
     "Chain",
     "ConFIG",
     "DualProj",
+    "EpsilonConstraint",
     "EqualWeights",
     "FixedWeights",
     "GeometricMean",
@@ -69,8 +77,12 @@ __all__ = [
     "PCGrad",
     "RandomWeights",
     "ScaleInvariant",
+    "SmoothTchebycheff",
     "UPGrad",
     "UncertaintyWeighting",
+    "WeightedLp",
+    "WeightedSum",
+    "WeightedTchebycheff",
     "Weighting",
     "WorstCase",
     "__version__",
@@ -78,4 +90,5 @@ __all__ = [
     "chain",
     "make_method",
     "models",
+    "moo",
 ]

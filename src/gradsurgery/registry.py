@@ -34,6 +34,13 @@ from gradsurgery.balancers import (
     WorstCase,
 )
 from gradsurgery.method import Method
+from gradsurgery.moo import (
+    EpsilonConstraint,
+    SmoothTchebycheff,
+    WeightedLp,
+    WeightedSum,
+    WeightedTchebycheff,
+)
 
 __all__ = ["METHODS", "make_method"]
 
@@ -65,6 +72,12 @@ METHODS: dict[str, type[Method]] = {
     "geometric_mean": GeometricMean,
     "worst_case": WorstCase,
     "gradnorm": GradNorm,
+    # multi-objective scalarisations (gradsurgery.moo)
+    "weighted_sum": WeightedSum,
+    "tchebycheff": WeightedTchebycheff,
+    "smooth_tchebycheff": SmoothTchebycheff,
+    "weighted_lp": WeightedLp,
+    "epsilon_constraint": EpsilonConstraint,
 }
 
 
