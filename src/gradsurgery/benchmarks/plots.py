@@ -50,7 +50,7 @@ def plot_report(report: BenchmarkReport, out_dir: str | os.PathLike) -> list[Pat
         ax.set_title(f"{task}: training loss")
         ax.set_xlabel("step")
         ax.set_yscale("log")
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0])
     paths.append(_save(fig, out / "loss_curves.png", plt))
 
     weighted = [m for m in report.methods if any("weight" in s for s in _first(report, m))]
@@ -67,7 +67,7 @@ def plot_report(report: BenchmarkReport, out_dir: str | os.PathLike) -> list[Pat
             ax.set_xlabel("step")
         for ax in list(axes.flat)[len(weighted) :]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
+        _legend(axes.flat[0])
         paths.append(_save(fig, out / "task_weights.png", plt))
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -79,9 +79,14 @@ def plot_report(report: BenchmarkReport, out_dir: str | os.PathLike) -> list[Pat
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_title("mean pairwise cosine of task gradients (shared parameters)")
     ax.set_xlabel("step")
-    ax.legend(fontsize=7)
+    _legend(ax)
     paths.append(_save(fig, out / "grad_cosine.png", plt))
     return paths
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _first(report: BenchmarkReport, method: str) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ equal weights.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -24,13 +25,14 @@ from typing import Any
 import torch
 
 from gradsurgery.benchmarks._base import Benchmark, Splits
-from gradsurgery.registry import make_method
+from gradsurgery.method import Method
+from gradsurgery.registry import METHODS, make_method
 from gradsurgery.training.callbacks import Callback, GradientStats
 from gradsurgery.training.data import MultiInputData, MultiTaskData
 from gradsurgery.training.metrics import delta_m
 from gradsurgery.training.trainer import Trainer
 
-__all__ = ["BASELINE", "BenchmarkReport", "RunResult", "run_benchmark", "run_one"]
+__all__ = ["BASELINE", "BenchmarkReport", "RunResult", "build_method", "run_benchmark", "run_one"]
 
 #: the name the single-task baseline's rows carry
 BASELINE = "single_task"
@@ -149,6 +151,17 @@ class _Recorder(Callback):
         self.epochs.append(dict(record))
 
 
+def build_method(name: str, options: Mapping[str, Any], tasks: Sequence[str]) -> Method:
+    """A registry method, given the task names when its constructor takes ``tasks=``
+    (uncertainty weighting, IMTL-L, the scalarisations: they keep per-task state)."""
+    kwargs = dict(options)
+    cls = METHODS.get(name.lower().replace("-", "_"))
+    takes_tasks = cls is not None and "tasks" in inspect.signature(cls.__init__).parameters
+    if takes_tasks and "tasks" not in kwargs:
+        kwargs["tasks"] = list(tasks)
+    return make_method(name, **kwargs)
+
+
 def run_one(
     bench: Benchmark,
     method: str,
@@ -159,17 +172,19 @@ def run_one(
     method_options: Mapping[str, Any] | None = None,
     run_dir: str | os.PathLike | None = None,
     progress: bool = False,
-    record_every: int = 10,
+    record_every: int = 1,
+    stats_every: int = 5,
 ) -> RunResult:
     """Train one method (or ``BASELINE``) on one seed and evaluate on the test split."""
     architecture = "independent" if method == BASELINE else "shared_bottom"
     torch.manual_seed(seed)
     model = bench.make_model(architecture, _input_shape(splits.train))
-    m = None if method == BASELINE else make_method(method, **dict(method_options or {}))
+    names = [t.name for t in bench.tasks]
+    m = None if method == BASELINE else build_method(method, method_options or {}, names)
     recorder = _Recorder(record_every)
     callbacks: list[Callback] = [recorder]
     if method != BASELINE:
-        callbacks.append(GradientStats(every=record_every))
+        callbacks.append(GradientStats(every=stats_every))
     trainer = Trainer(
         model,
         bench.tasks,
@@ -235,7 +250,7 @@ def run_benchmark(
     if BASELINE in names:
         raise ValueError(f"{BASELINE!r} is the baseline's name, added automatically")
     for name in names:  # fail before any training on an unknown name or a bad option
-        make_method(name, **dict(options[name]))
+        build_method(name, options[name], [t.name for t in bench.tasks])
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("give at least one seed")

@@ -166,7 +166,8 @@ class ProgressBar(Callback):
 
 
 class GradientStats(Callback):
-    """Every ``every`` steps, the per-task gradient norms and mean pairwise cosine.
+    """Every ``every`` steps (steps 1, 1 + every, ...), the per-task gradient norms and mean
+    pairwise cosine.
 
     When the method already computed the Gramian (every weighting does), the Trainer records
     these for free on every step. For other methods (equal weights, loss balancers) this
@@ -183,7 +184,7 @@ class GradientStats(Callback):
     def on_before_backward(
         self, trainer: Trainer, step: int, losses: Mapping[str, Tensor]
     ) -> Mapping[str, float] | None:
-        if step % self.every != 0 or len(losses) < 2 or trainer.method_gives_gramian:
+        if (step - 1) % self.every != 0 or len(losses) < 2 or trainer.method_gives_gramian:
             return None
         from gradsurgery._linalg import gramian_from_blocks
         from gradsurgery.engine import jacobian_blocks
