@@ -4,7 +4,7 @@
 gives the shared parameters the update of a gradient-surgery or loss-balancing method.
 """
 
-from gradsurgery import models, moo
+from gradsurgery import diagnostics, models, moo
 from gradsurgery.aggregators import (
     IMTLG,
     MGDA,
@@ -88,6 +88,7 @@ __all__ = [
     "__version__",
     "backward",
     "chain",
+    "diagnostics",
     "make_method",
     "models",
     "moo",

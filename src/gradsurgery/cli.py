@@ -1,4 +1,4 @@
-"""The ``gradsurgery`` command: ``demo``, ``bench``, ``list``, ``toy2d``.
+"""The ``gradsurgery`` command: ``demo``, ``bench``, ``list``, ``toy2d``, ``groups``.
 
 Built with ``typer`` and ``rich`` (the ``cli`` extra). Nothing imports this module.
 """
@@ -317,6 +317,150 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
     elif os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+@app.command("groups")
+def groups_(
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Benchmark name."),
+    groups: str = typer.Option("2,3", "--groups", "-k", help="Comma-separated group budgets."),
+    epochs: int | None = typer.Option(None, min=1, help="Override the benchmark's epochs."),
+    every: int = typer.Option(5, min=1, help="Measure the lookahead affinity every k steps."),
+    seed: int = typer.Option(0, help="Seed of the data split, the model and the batches."),
+    partition: bool = typer.Option(
+        False, "--partition", help="Disjoint groups (default: groups may overlap, as in TAG)."
+    ),
+    fast: bool = typer.Option(False, "--fast", help="Smoke run: 1 epoch on ~500 examples."),
+    out: Path = typer.Option(Path("runs"), help="Where runs/<timestamp>-groups/ is written."),
+    threads: int | None = typer.Option(None, min=1, help="torch.set_num_threads."),
+) -> None:
+    """Which tasks to train together: lookahead inter-task affinity (Fifty et al. 2021) over one
+    equal-weights run, then the best groups for each budget; table, JSON and a heatmap."""
+    import torch
+
+    from gradsurgery.aggregators.equal_weights import EqualWeights
+    from gradsurgery.benchmarks import get_benchmark
+    from gradsurgery.benchmarks.run import _input_shape
+    from gradsurgery.diagnostics import DiagnosticsCallback, group_tasks
+    from gradsurgery.training import Trainer
+
+    _threads(threads)
+    if not benchmark:
+        _fail("give --benchmark (see `gradsurgery list`)")
+    budgets = []
+    for part in groups.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            _fail(f"--groups must be comma-separated ints >= 1 (e.g. 2,3), got {groups!r}")
+        budgets.append(int(part))
+    if not budgets:
+        _fail("--groups must name at least one budget (e.g. 2,3)")
+    console = _console()
+    try:
+        bench = get_benchmark(benchmark)
+    except ValueError as e:
+        _fail(str(e))
+    tasks = [spec.name for spec in bench.tasks]
+    if len(tasks) < 2:
+        _fail(f"{bench.name} has {len(tasks)} task(s): grouping needs at least two")
+    try:
+        splits = bench.load(seed)
+    except MissingDataError as e:
+        _fail(str(e), code=1)
+    if fast:
+        splits = _shrink(splits)
+    settings = dict(bench.defaults)
+    n_epochs = epochs if epochs is not None else (1 if fast else int(settings.get("epochs", 10)))
+    run_dir = out / f"{_timestamp()}-groups"
+    console.print(
+        f"groups: {bench.name} ({len(tasks)} tasks), affinity every {every} steps over "
+        f"{n_epochs} epoch(s) of equal weights; writing to {run_dir}",
+        highlight=False,
+    )
+    torch.manual_seed(seed)
+    model = bench.make_model("shared_bottom", _input_shape(splits.train))
+    diagnostics = DiagnosticsCallback(every=every, affinity=True)
+    trainer = Trainer(
+        model,
+        bench.tasks,
+        EqualWeights(),
+        optimizer=settings.get("optimizer", "adam"),
+        lr=float(settings.get("lr", 1e-3)),
+        weight_decay=float(settings.get("weight_decay", 0.0)),
+        batch_size=int(settings.get("batch_size", 64)),
+        epochs=n_epochs,
+        seed=seed,
+        run_dir=run_dir,
+        checkpoint=False,
+        callbacks=[diagnostics],
+    )
+    trainer.fit(splits.train, splits.val)
+    affinity = diagnostics.affinity()
+    off = affinity.clone().fill_diagonal_(0.0)
+    if not bool(torch.isfinite(off).all()):
+        _fail(
+            "some task pairs were never measured together (too few steps, or tasks that never "
+            "share a batch); train longer or lower --every",
+            code=1,
+        )
+    results = {k: group_tasks(affinity, k, tasks, overlap=not partition) for k in budgets}
+    _print_affinity(console, affinity, tasks)
+    kind = "disjoint groups" if partition else "groups may overlap"
+    lines = [f"# Task groups for {bench.name}", ""]
+    for k, g in results.items():
+        text = "  ".join("{" + ", ".join(group) + "}" for group in g.groups)
+        how = "exact" if g.exact else "approximate search"
+        console.print(
+            f"[bold]{k} group(s)[/] (score {g.score:.4g}, {how}): {text}", highlight=False
+        )
+        lines.append(f"- {k} group(s), score {g.score:.4g} ({how}): {text}")
+    lines += [
+        "",
+        "Score: the mean over tasks of the lookahead affinity Z(i -> j) each task j receives "
+        f"from the other tasks of its best group (Fifty et al. 2021); {kind}.",
+    ]
+    data = {
+        "benchmark": bench.name,
+        "tasks": tasks,
+        "affinity": affinity.tolist(),
+        "convention": "affinity[i][j] = Z_{i->j}: a step on task i's gradient, task j's loss",
+        "steps_measured": diagnostics.state_dict()["affinity"]["steps"],
+        "epochs": n_epochs,
+        "every": every,
+        "seed": seed,
+        "groups": {str(k): g.to_dict() for k, g in results.items()},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "groups.json").write_text(json.dumps(_jsonable(data), indent=1))
+    (run_dir / "groups.md").write_text("\n".join(lines) + "\n")
+    try:
+        from gradsurgery.diagnostics.plots import plot_affinity
+
+        best = results[budgets[0]]
+        path = plot_affinity(affinity, tasks, run_dir / "affinity.png", groups=best.groups)
+        console.print(f"heatmap: {path}")
+    except ImportError as e:
+        console.print(f"[yellow]no heatmap[/]: {e}")
+    console.print(f"results: {run_dir / 'groups.md'}, {run_dir / 'groups.json'}")
+
+
+def _print_affinity(console: Any, affinity: Any, tasks: list[str]) -> None:
+    """The matrix with numbered columns, scaled so the largest entry has two digits."""
+    from rich.table import Table
+
+    n = len(tasks)
+    off = [abs(float(affinity[i, j])) for i in range(n) for j in range(n) if i != j]
+    top = max(off) if off else 0.0
+    power = 1 - math.floor(math.log10(top)) if top > 0 else 0
+    scale = f" x 1e{power}" if power else ""
+    table = Table(title=f"lookahead affinity Z(row -> column){scale}: row's step, column's loss")
+    table.add_column("")
+    for j in range(n):
+        table.add_column(str(j + 1), justify="right")
+    for i in range(n):
+        cells = ["-" if i == j else str(round(float(affinity[i, j]) * 10**power)) for j in range(n)]
+        table.add_row(str(i + 1), *cells)
+    console.print(table)
+    console.print("  ".join(f"{i + 1}: {t}" for i, t in enumerate(tasks)), highlight=False)
 
 
 def main() -> None:
