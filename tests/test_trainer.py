@@ -299,3 +299,29 @@ def test_task_spec_validation():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert TaskSpec("r", loss="mse").standardize is True
+
+
+class _Counter(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, trainer, record):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+
+
+def test_callback_state_is_checkpointed_and_restored(tmp_path):
+    data = _data(64)
+    first = _Counter()
+    Trainer(_model(), SPECS, epochs=1, batch_size=32, run_dir=tmp_path, callbacks=[first]).fit(data)
+    assert first.steps == 2
+    second = _Counter()
+    Trainer(
+        _model(), SPECS, epochs=3, batch_size=32, run_dir=tmp_path, resume=True, callbacks=[second]
+    ).fit(data)
+    assert second.steps == 6  # 2 restored + 4 new

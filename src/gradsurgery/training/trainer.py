@@ -649,6 +649,12 @@ class Trainer:
             },
             "best_model": best_state,
             "target_stats": {t: list(v) for t, v in self._stats.items()},
+            # callbacks with state (e.g. diagnostics accumulators), by position
+            "callbacks": {
+                str(i): cb.state_dict()
+                for i, cb in enumerate(self.callbacks)
+                if callable(getattr(cb, "state_dict", None))
+            },
         }
         directory = self.run_dir / "checkpoints"
         save_checkpoint(state, directory / f"epoch-{epoch}.pt")
@@ -681,6 +687,12 @@ class Trainer:
         result.best_epoch, result.best_score = int(best["epoch"]), float(best["score"])
         result.best_val = best["val"]
         self._stats = {t: (float(v[0]), float(v[1])) for t, v in state["target_stats"].items()}
+        for key, cb_state in state.get("callbacks", {}).items():
+            i = int(key)
+            if i < len(self.callbacks) and callable(
+                getattr(self.callbacks[i], "load_state_dict", None)
+            ):
+                self.callbacks[i].load_state_dict(cb_state)
         return int(state["epoch"])
 
 
