@@ -463,6 +463,82 @@ def _print_affinity(console: Any, affinity: Any, tasks: list[str]) -> None:
     console.print("  ".join(f"{i + 1}: {t}" for i, t in enumerate(tasks)), highlight=False)
 
 
+@app.command()
+def pareto(
+    benchmark: str = typer.Option("multimnist", "--benchmark", "-b", help="Benchmark name."),
+    rays: int = typer.Option(9, min=1, help="Preference rays (fixed-weight runs)."),
+    methods: str = typer.Option("pcgrad,mgda,cagrad", help="Methods to place on the front."),
+    scalarization: str = typer.Option("weighted_sum", help="weighted_sum or tchebycheff."),
+    seeds: int = typer.Option(1, min=1, help="Seeds per method (the sweep uses the first)."),
+    epochs: int | None = typer.Option(None, min=1),
+    search: str | None = typer.Option(None, help="nsga2: extra fixed-weight runs by NSGA-II."),
+    budget: int = typer.Option(0, min=0, help="Runs of the search."),
+    out: Path = typer.Option(Path("runs"), help="Where runs/<timestamp>-pareto/ is written."),
+    fast: bool = typer.Option(False, "--fast", help="Smoke run on a few hundred examples."),
+    threads: int | None = typer.Option(None, min=1),
+) -> None:
+    """Trace the fixed-weight Pareto front of a benchmark and place methods against it."""
+    from gradsurgery.benchmarks import get_benchmark
+    from gradsurgery.benchmarks.pareto import pareto_benchmark, plot_pareto
+
+    _threads(threads)
+    chosen = _parse_methods(methods)
+    try:
+        bench = get_benchmark(benchmark)
+    except ValueError as e:
+        _fail(str(e))
+    console = _console()
+    run_dir = out / f"{_timestamp()}-pareto"
+
+    def on_run(label: str, run: Any) -> None:
+        values = ", ".join(
+            f"{t}/{k} {v:.4g}" for t, m in run.test.items() for k, v in list(m.items())[:1]
+        )
+        console.print(f"{label}: {values} ({run.seconds:.1f} s)", highlight=False)
+
+    try:
+        report = pareto_benchmark(
+            bench,
+            rays,
+            chosen,
+            scalarization=scalarization,
+            seeds=list(range(seeds)),
+            overrides={"epochs": 1 if fast and epochs is None else epochs},
+            shrink=_shrink if fast else None,
+            search=search,
+            budget=budget,
+            on_run=on_run,
+        )
+    except MissingDataError as e:
+        _fail(str(e), code=1)
+    except (ValueError, ImportError) as e:
+        _fail(str(e))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = {
+        "benchmark": report.benchmark,
+        "objectives": report.objectives,
+        "maximize": report.maximize,
+        "scalarization": report.scalarization,
+        "sweep": report.sweep,
+        "front": report.front_mask().tolist(),
+        "hypervolume": report.hypervolume(),
+        "reference_point": report.reference_point().tolist(),
+        "methods": report.summary(),
+        "method_runs": report.method_runs,
+    }
+    (run_dir / "pareto.json").write_text(json.dumps(_jsonable(data), indent=1))
+    (run_dir / "pareto.md").write_text(report.markdown())
+    console.print(report.markdown(), highlight=False)
+    for row in report.summary():
+        verdict = "dominated by the front" if row["dominated_by_front"] else "not dominated"
+        console.print(f"{row['method']}: {verdict}; hypervolume gain {row['hv_gain']:.4g}")
+    try:
+        console.print(f"plot: {plot_pareto(report, run_dir / 'pareto.png')}")
+    except ImportError as e:
+        console.print(f"[yellow]no plot[/]: {e}")
+    console.print(f"results: {run_dir / 'pareto.md'}, {run_dir / 'pareto.json'}")
+
+
 def main() -> None:
     """Entry point of the ``gradsurgery`` console script."""
     app()
