@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -259,3 +260,126 @@ def test_aggregator_on_features_gets_z(model):
     method = RowMean()
     gs.backward(losses, model.backbone, method=method, features=z)
     assert method.seen == ((3, z.numel()), ("a", "b", "c"), z.shape)
+
+
+# --- strategies: the Gramian engine and "auto" ----------------------------------------------
+
+WEIGHTINGS = {
+    name: (lambda cls=cls, name=name: cls(main="a") if name == "auxiliary_cosine" else cls())
+    for name, cls in gs.METHODS.items()
+    if getattr(cls, "requires", None) == "gramian"
+}
+
+
+def _fresh(name):
+    method = WEIGHTINGS[name]()
+    if hasattr(method, "generator"):
+        method.generator.manual_seed(7)  # the same random draws for every strategy
+    return method
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+def test_every_strategy_gives_the_same_update(name):
+    """Same method, same model: the Gramian engine, batched, loop and auto agree exactly."""
+    results = {}
+    for strategy in ("gramian", "batched", "loop", "auto"):
+        torch.manual_seed(0)
+        model = TwoLevelModel()
+        method = _fresh(name)
+        result = gs.backward(make_losses(model), model.backbone, method, strategy=strategy)
+        results[strategy] = (result, grads(model))
+    expected, expected_grads = results["loop"]
+    for strategy, (result, got) in results.items():
+        torch.testing.assert_close(result.gramian, expected.gramian, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(result.weights, expected.weights, atol=1e-5, rtol=1e-4)
+        for key, g in expected_grads.items():
+            torch.testing.assert_close(got[key], g, atol=1e-6, rtol=1e-4, msg=strategy + key)
+
+
+@pytest.mark.parametrize("method", [gs.PCGrad(seed=5), gs.UPGrad(), gs.GradNorm()])
+@pytest.mark.parametrize("update", ["jacobian", "backward"])
+def test_gramian_engine_updates_match_the_jacobian_path(method, update):
+    results = {}
+    for strategy in ("gramian", "loop"):
+        torch.manual_seed(0)
+        model = TwoLevelModel()
+        state = method.state_dict()
+        gs.backward(make_losses(model), model.backbone, method, strategy=strategy, update=update)
+        method.load_state_dict(state)
+        results[strategy] = grads(model)
+    for key, g in results["loop"].items():
+        torch.testing.assert_close(results["gramian"][key], g, atol=1e-6, rtol=1e-5)
+
+
+def test_gramian_engine_with_chunks_chain_and_absent_task(model):
+    losses = make_losses(model)
+    losses["b"] = torch.tensor(0.0)  # absent task
+    method = gs.chain(gs.DWA(), gs.MGDA(solver="exact"))
+    reference = TwoLevelModel()
+    reference.load_state_dict(model.state_dict())
+    ref_losses = make_losses(reference)
+    ref_losses["b"] = torch.tensor(0.0)
+    expected = gs.backward(ref_losses, reference.backbone, method, strategy="loop")
+    result = gs.backward(losses, model.backbone, method, strategy="gramian", chunk_size=1)
+    torch.testing.assert_close(result.weights, expected.weights)
+    torch.testing.assert_close(result.gramian, expected.gramian, atol=1e-6, rtol=1e-5)
+    for key, g in grads(reference).items():
+        if g is None:
+            assert grads(model)[key] is None
+        else:
+            torch.testing.assert_close(grads(model)[key], g, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_uses_the_gramian_engine_for_weightings_only(model, monkeypatch):
+    backward_module = importlib.import_module("gradsurgery.backward")
+
+    calls = []
+    real = backward_module.gramian_pass
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backward_module, "gramian_pass", spy)
+    gs.backward(make_losses(model), model.backbone, gs.MGDA())
+    assert calls == [1]
+    gs.backward(make_losses(model), model.backbone, gs.GradDrop(seed=0))  # needs J
+    gs.backward(make_losses(model), model.backbone, gs.MGDA(), features=model.features)
+    gs.backward(make_losses(model), model.backbone, gs.EqualWeights())  # loss level
+    gs.backward(make_losses(model), model.backbone, gs.MGDA(), strategy="loop")
+    assert calls == [1]
+
+
+def test_auto_falls_back_to_the_loop_when_the_engine_fails(model, monkeypatch):
+    backward_module = importlib.import_module("gradsurgery.backward")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("vmap: no batching rule")
+
+    monkeypatch.setattr(backward_module, "gramian_pass", broken)
+    monkeypatch.setattr(backward_module, "_warned_gramian_fallback", False)
+    reference = TwoLevelModel()
+    reference.load_state_dict(model.state_dict())
+    gs.backward(make_losses(reference), reference.backbone, gs.MGDA(), strategy="loop")
+    with pytest.warns(UserWarning, match="Gramian engine failed"):
+        gs.backward(make_losses(model), model.backbone, gs.MGDA())
+    for key, g in grads(reference).items():
+        torch.testing.assert_close(grads(model)[key], g)
+    with pytest.raises(RuntimeError, match="batching rule"):
+        gs.backward(make_losses(model), model.backbone, gs.MGDA(), strategy="gramian")
+
+
+def test_explicit_gramian_strategy_refuses_jacobian_methods_and_features(model):
+    with pytest.raises(ValueError, match="needs the Jacobian"):
+        gs.backward(make_losses(model), model.backbone, gs.GradDrop(seed=0), strategy="gramian")
+    losses = make_losses(model)
+    with pytest.raises(ValueError, match="features"):
+        gs.backward(losses, model.backbone, gs.MGDA(), features=model.features, strategy="gramian")
+
+
+def test_gramian_engine_frees_the_graph_unless_retained(model):
+    losses = make_losses(model)
+    gs.backward(losses, model.backbone, gs.MGDA(), strategy="gramian", retain_graph=True)
+    gs.backward(losses, model.backbone, gs.MGDA(), strategy="gramian")
+    with pytest.raises(RuntimeError, match="second time"):
+        gs.backward(losses, model.backbone, gs.MGDA(), strategy="loop")

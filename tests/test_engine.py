@@ -9,7 +9,7 @@ from torch import nn
 import gradsurgery.engine.jacobian as jacobian_module
 from conftest import TwoLevelModel, make_losses, per_task_jacobian
 from gradsurgery._linalg import gramian_from_blocks, gramian_of, normalized_gramian
-from gradsurgery.engine import jacobian_blocks, reached_leaves
+from gradsurgery.engine import compute_gramian, gramian_rules, jacobian_blocks, reached_leaves
 
 
 class ConvModel(nn.Module):
@@ -128,3 +128,16 @@ def test_reached_leaves_stops_at_features():
     assert {id(p) for p in heads} == {id(p) for p in model.heads.parameters()}
     _, found = reached_leaves(losses, stop_at=torch.randn(2, requires_grad=True) * 1)
     assert not found
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_gramian_engine_equals_the_jacobian_gramian(chunk_size):
+    """compute_gramian (never forms J) == gramian_from_blocks(jacobian_blocks) on a conv net."""
+    torch.manual_seed(0)
+    model = ConvModel()
+    losses = model.losses()
+    params = list(model.body.parameters())
+    expected = gramian_from_blocks(jacobian_blocks(losses, params, strategy="loop"))
+    assert gramian_rules(losses, params) == ["conv", "conv", "batch_norm", "batch_norm"]
+    got = compute_gramian(losses, params, chunk_size=chunk_size)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5

@@ -11,12 +11,26 @@ import torch
 from torch import Tensor, nn
 
 from gradsurgery._linalg import gramian_from_blocks, normalized_gramian
-from gradsurgery.engine import Strategy, jacobian_blocks, reached_leaves
+from gradsurgery.distributed import (
+    all_reduce_,
+    all_reduce_mean_,
+    check_agreement,
+    debug_enabled,
+    is_distributed,
+    world_size,
+)
+from gradsurgery.engine import jacobian_blocks, reached_leaves
+from gradsurgery.engine.gramian import GramianPass, GramianUnsupported, gramian_pass
 from gradsurgery.method import Chain, LossWeighting, Method
 
-__all__ = ["BackwardResult", "backward"]
+__all__ = ["BACKWARD_STRATEGIES", "BackwardResult", "BackwardStrategy", "backward"]
 
 Update = Literal["jacobian", "backward"]
+BackwardStrategy = Literal["auto", "gramian", "batched", "loop"]
+BACKWARD_STRATEGIES: tuple[str, ...] = ("auto", "gramian", "batched", "loop")
+
+_gramian_ok = False  # the Gramian engine's vmapped backward has worked in this process
+_warned_gramian_fallback = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,7 @@ def backward(
     features: Tensor | None = None,
     *,
     nonfinite: Literal["raise", "skip"] = "raise",
-    strategy: Strategy = "auto",
+    strategy: BackwardStrategy = "auto",
     chunk_size: int | None = None,
     update: Update = "jacobian",
     retain_graph: bool = False,
@@ -99,14 +113,22 @@ def backward(
             through Z.
         nonfinite: ``"raise"`` (default) raises ``ValueError`` naming the tasks whose loss is
             NaN/Inf; ``"skip"`` drops them for this step with a warning.
-        strategy: how per-task gradients are computed: ``"batched"`` (one vmapped backward),
-            ``"loop"`` (one backward per task) or ``"auto"``: the loop on the CPU and for
-            features (measured faster there), batched on accelerators (loop if vmap fails).
-        chunk_size: with the batched strategy, at most this many tasks per vmapped backward
-            (bounds memory). ``None``: all tasks at once.
+        strategy: how per-task information is computed (``docs/performance.md`` has the cost
+            model): ``"gramian"`` (weightings only: G = J J^T layer by layer from activations
+            and per-task output gradients, never the T x P Jacobian; see
+            :mod:`gradsurgery.engine.gramian`), ``"batched"`` (the Jacobian by one vmapped
+            backward), ``"loop"`` (the Jacobian by one backward per task) or ``"auto"``: with
+            ``features``, the loop on the CPU (batched on accelerators); for weightings on
+            the shared parameters, the Gramian engine; for methods that need J (GradDrop),
+            the loop on the CPU and batched on accelerators. Where the Gramian engine or vmap
+            fails, ``"auto"`` falls back to the loop with one warning.
+        chunk_size: with the batched and Gramian strategies, at most this many tasks per
+            vmapped backward (bounds memory). ``None``: all tasks at once.
         update: for weightings, how ``J^T w`` reaches the shared parameters: ``"jacobian"``
-            multiplies the Jacobian already in memory (no extra backward, the default), and
-            ``"backward"`` frees J first and runs one backward of ``sum_i w_i L_i``.
+            (the default) uses what is already in memory (the Jacobian blocks, or the Gramian
+            engine's per-task output gradients: one weight-gradient contraction per layer, no
+            extra backward), and ``"backward"`` frees it first and runs one backward of
+            ``sum_i w_i L_i``.
         retain_graph: keep the autograd graph after the call, as in ``Tensor.backward``.
 
     Returns:
@@ -124,6 +146,8 @@ def backward(
         raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if update not in ("jacobian", "backward"):
         raise ValueError(f"update must be 'jacobian' or 'backward', got {update!r}")
+    if strategy not in BACKWARD_STRATEGIES:
+        raise ValueError(f"strategy must be one of {BACKWARD_STRATEGIES}, got {strategy!r}")
     method = EqualWeights() if method is None else method
     if not isinstance(method, Method):
         raise TypeError(
@@ -137,6 +161,9 @@ def backward(
     for t in tensors:
         value_dtype = torch.promote_types(value_dtype, t.dtype)
     values = torch.stack([t.detach().reshape(()).to(value_dtype) for t in tensors])
+    distributed = is_distributed()
+    if distributed:  # every rank must see the same tasks and the same (averaged) losses
+        values = _distributed_values(values, tensors, tasks)
     finite = torch.isfinite(values)
     skipped: tuple[str, ...] = ()
     if not bool(finite.all()):
@@ -161,6 +188,57 @@ def backward(
         empty = values.new_zeros(n)
         return BackwardResult(tasks, present, skipped, values, empty, None)
 
+    stash = _GradStash(live) if distributed else None
+    try:
+        result, identical = _combine(
+            tasks,
+            values,
+            keep,
+            live,
+            present,
+            skipped,
+            method,
+            params,
+            features,
+            strategy,
+            chunk_size,
+            update,
+            retain_graph,
+            distributed,
+        )
+    except BaseException:
+        if stash is not None:
+            stash.restore()
+        raise
+    if stash is not None:
+        # every gradient this call produced is averaged over the ranks, except the shared
+        # parameters' update when it was computed from averaged per-task gradients (then it
+        # is already identical on every rank)
+        stash.finish(skip=params if identical else ())
+        if result.weights is not None and debug_enabled():
+            check_agreement(result.weights, "task weights")
+    return result
+
+
+def _combine(
+    tasks: tuple[str, ...],
+    values: Tensor,
+    keep: list[int],
+    live: list[Tensor],
+    present: tuple[str, ...],
+    skipped: tuple[str, ...],
+    method: Method,
+    params: list[Tensor],
+    features: Tensor | None,
+    strategy: BackwardStrategy,
+    chunk_size: int | None,
+    update: Update,
+    retain_graph: bool,
+    distributed: bool,
+) -> tuple[BackwardResult, bool]:
+    """The method's work for the present tasks; also says whether the shared parameters'
+    update is identical across ranks by construction (computed from averaged gradients)."""
+    n = len(tasks)
     live_values = values[keep]
     index = torch.tensor(keep, device=values.device)
 
@@ -168,7 +246,7 @@ def backward(
         weights = _loss_weights(method, live_values, present)
         _loss_level_backward(live, weights, params, method.weights_task_parameters, retain_graph)
         full = values.new_zeros(n).index_copy(0, index, weights.to(values))
-        return BackwardResult(tasks, present, skipped, values, full, None)
+        return BackwardResult(tasks, present, skipped, values, full, None), False
 
     pre_weights = None
     if isinstance(method, Chain):  # the balancer scales the losses, then the surgery acts
@@ -189,33 +267,61 @@ def backward(
         or whole_loss
         or (method.requires == "gramian" and update == "backward")
     )
-    blocks = jacobian_blocks(
-        live,
-        targets,
-        strategy=_resolve_strategy(strategy, live[0], features),
-        chunk_size=chunk_size,
-        retain_graph=retain_graph or needs_more_backward,
-    )
-    pairs = [(p, b) for p, b in zip(targets, blocks) if b is not None]
+    resolved = _resolve_strategy(strategy, live[0], features, method)
+    if distributed and resolved == "gramian":
+        # G of the rank-averaged Jacobian is not the average of the ranks' Gramians: under a
+        # process group the Jacobian itself is averaged (docs/distributed.md)
+        resolved = "loop" if live[0].device.type == "cpu" else "auto"
+    engine: GramianPass | None = None
+    if resolved == "gramian":
+        hold = update == "jacobian" and not whole_loss
+        engine = _run_gramian(
+            live, targets, chunk_size, hold, retain_graph or needs_more_backward, strategy
+        )
+        if engine is None:  # "auto" and the engine failed: the Jacobian, one task at a time
+            resolved = "loop"
+    pairs: list[tuple[Tensor, Tensor]] = []
+    if engine is None:
+        blocks = jacobian_blocks(
+            live,
+            targets,
+            strategy=resolved,  # type: ignore[arg-type]
+            chunk_size=chunk_size,
+            retain_graph=retain_graph or needs_more_backward,
+        )
+        pairs = [(p, b) for p, b in zip(targets, blocks) if b is not None]
+        if distributed and features is None:  # J_full = mean over ranks of J_r, exactly
+            all_reduce_mean_([b for _, b in pairs])
 
     full_weights: Tensor | None = None
     full_gramian: Tensor | None = None
     if method.requires == "gramian":
-        gramian = gramian_from_blocks([b for _, b in pairs])
+        if engine is not None:
+            gramian = engine.gramian
+        else:
+            gramian = gramian_from_blocks([b for _, b in pairs])
+            if distributed and features is not None:
+                # rank r holds dL_r/dZ_r of its own mean loss; the full batch's loss is the
+                # mean of the L_r, so its Gramian on Z is sum_r G_r / R^2 (exact)
+                gramian = all_reduce_(gramian.clone(), "sum") / world_size() ** 2
         weights = method(gramian, live_values.to(gramian.dtype), present)
         _check_weights(weights, len(keep), method)
         weights = weights.detach()
         if pre_weights is not None:
             pre_weights = pre_weights.to(weights)
-        if whole_loss:
-            del pairs, blocks
+        if whole_loss or update == "backward":
+            pairs = []
+            if engine is not None:
+                engine.release()
             total = _sum([w * loss for w, loss in zip(weights.to(live[0].dtype).unbind(), live)])
-            torch.autograd.backward(total, retain_graph=retain_graph)
-        elif update == "backward":
-            del pairs, blocks
-            total = _sum([w * loss for w, loss in zip(weights.to(live[0].dtype).unbind(), live)])
-            inputs = params if features is not None else targets
-            torch.autograd.backward(total, inputs=inputs, retain_graph=retain_graph)
+            if whole_loss:
+                torch.autograd.backward(total, retain_graph=retain_graph)
+            else:
+                inputs = params if features is not None else targets
+                torch.autograd.backward(total, inputs=inputs, retain_graph=retain_graph)
+        elif engine is not None:
+            _apply(engine.update(weights), params, features, retain_graph)
+            engine.release()
         else:
             updates = [(p, torch.tensordot(weights.to(b.dtype), b, dims=1)) for p, b in pairs]
             _apply(updates, params, features, retain_graph)
@@ -238,24 +344,135 @@ def backward(
         _apply(updates, params, features, retain_graph)
     else:
         raise TypeError(f"unknown method requirement {method.requires!r}")
-    return BackwardResult(tasks, present, skipped, values, full_weights, full_gramian)
+    identical = (
+        features is None
+        and engine is None
+        and not whole_loss
+        and (method.requires == "jacobian" or update == "jacobian")
+    )
+    result = BackwardResult(tasks, present, skipped, values, full_weights, full_gramian)
+    return result, identical
 
 
-def _resolve_strategy(strategy: Strategy, loss: Tensor, features: Tensor | None) -> Strategy:
-    """What ``"auto"`` means for this step (measured in benchmarks/step_speed.py).
+def _distributed_values(values: Tensor, tensors: list[Tensor], tasks: tuple[str, ...]) -> Tensor:
+    """The loss values averaged over ranks, after checking every rank has the same tasks."""
+    present = torch.tensor([float(t.requires_grad) for t in tensors], dtype=torch.float64)
+    present = present.to(values.device)
+    low = all_reduce_(present.clone(), "min")
+    high = all_reduce_(present.clone(), "max")
+    if not torch.equal(low, high):
+        differ = [t for t, a, b in zip(tasks, low.tolist(), high.tolist()) if a != b]
+        raise ValueError(
+            f"task(s) {differ} are present on some ranks and absent on others this step; under "
+            "a process group every rank must see the same tasks (docs/distributed.md)"
+        )
+    averaged = values.clone()
+    all_reduce_mean_([averaged])
+    return averaged
 
+
+class _GradStash:
+    """Moves the existing ``.grad`` of every parameter the losses reach out of the way, so
+    that what one :func:`backward` call adds can be averaged across ranks on its own."""
+
+    def __init__(self, live: list[Tensor]) -> None:
+        leaves, _ = reached_leaves(live, stop_at=None)
+        self.leaves = [p for p in leaves if p.requires_grad]
+        self.saved = [p.grad for p in self.leaves]
+        for p in self.leaves:
+            p.grad = None
+
+    def restore(self) -> None:
+        for p, g in zip(self.leaves, self.saved):
+            p.grad = g
+
+    def finish(self, skip: Iterable[Tensor] = ()) -> None:
+        skipped = {id(p) for p in skip}
+        new = []
+        for p in self.leaves:
+            if id(p) in skipped:
+                continue
+            if p.grad is None:  # reached but no gradient here: zeros keep the ranks in step
+                p.grad = torch.zeros_like(p)
+            new.append(p.grad)
+        all_reduce_mean_(new)
+        for p, g in zip(self.leaves, self.saved):
+            if g is not None:
+                p.grad = g if p.grad is None else g.add_(p.grad)
+
+
+def _resolve_strategy(
+    strategy: BackwardStrategy, loss: Tensor, features: Tensor | None, method: Method
+) -> str:
+    """What ``"auto"`` means for this step (cost model in docs/performance.md).
+
+    * A weighting (``requires == "gramian"``) on the shared parameters: the Gramian engine.
+      Per step it runs each task's head once, one vmapped backward of activation gradients
+      through the shared layers (about T x 3/4 of a plain backward for an MLP), and per
+      layer the cheaper of two contractions, never the T x P Jacobian. It beats the
+      Jacobian strategies at every T measured (benchmarks/step_speed.py).
     * On the features, J only traverses the heads, where one vmapped backward pushes all T
       rows through every head (T^2 head passes): 40x slower than the loop at T = 40. Loop.
-    * On the CPU, the vmapped backward is no faster than T plain backwards (2 threads, MLP
-      256-512-512-256: equal at T = 2 and 10, 25% slower at T = 40). Loop.
-    * On an accelerator, batching the T rows into one backward saves T - 1 rounds of kernel
-      launches: batched (falling back to the loop if vmap fails).
+    * Methods that need J itself (GradDrop): on the CPU the vmapped backward is no faster
+      than T plain backwards (2 threads, MLP 256-512-512-256: equal at T = 2 and 10, 25%
+      slower at T = 40), so the loop; on an accelerator, batching the T rows into one
+      backward saves T - 1 rounds of kernel launches: batched (loop if vmap fails).
+
+    An explicit ``"gramian"`` for a method that needs J, or with ``features``, is an error.
     """
+    if strategy == "gramian":
+        if method.requires != "gramian":
+            raise ValueError(
+                f"strategy='gramian' computes only the Gramian; {type(method).__name__} needs "
+                "the Jacobian (use 'auto', 'batched' or 'loop')"
+            )
+        if features is not None:
+            raise ValueError(
+                "strategy='gramian' works on the shared parameters; with features= use "
+                "'auto', 'batched' or 'loop'"
+            )
+        return "gramian"
     if strategy != "auto":
         return strategy
+    if features is None and method.requires == "gramian":
+        return "gramian"
     if features is not None or loss.device.type == "cpu":
         return "loop"
     return "auto"
+
+
+def _run_gramian(
+    live: list[Tensor],
+    targets: list[Tensor],
+    chunk_size: int | None,
+    keep: bool,
+    retain: bool,
+    strategy: str,
+) -> GramianPass | None:
+    """The Gramian engine; under ``"auto"``, ``None`` (and one warning) where it fails.
+
+    Until the engine has worked once in the process, ``"auto"`` keeps the graph whatever the
+    caller asked: a vmap failure part-way through a backward may already have freed buffers
+    the fallback needs.
+    """
+    global _gramian_ok, _warned_gramian_fallback
+    if strategy == "gramian":
+        return gramian_pass(live, targets, chunk_size=chunk_size, retain_graph=retain, keep=keep)
+    try:
+        engine = gramian_pass(
+            live, targets, chunk_size=chunk_size, retain_graph=retain or not _gramian_ok, keep=keep
+        )
+    except (GramianUnsupported, RuntimeError) as err:
+        if not _warned_gramian_fallback:
+            warnings.warn(
+                f"the Gramian engine failed ({err}); falling back to one backward per task. "
+                "Pass strategy='loop' to silence this warning.",
+                stacklevel=3,
+            )
+            _warned_gramian_fallback = True
+        return None
+    _gramian_ok = True
+    return engine
 
 
 def _as_named(losses: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[tuple[str, ...], list]:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from gradsurgery._checks import check_number
 from gradsurgery.balancers._adam import adam_step
+from gradsurgery.distributed import all_reduce_mean_, is_distributed
 from gradsurgery.method import LossWeighting
 
 __all__ = ["FAMO"]
@@ -168,6 +169,8 @@ class FAMO(LossWeighting):
                 ``{task: loss}`` (it must hold every task of the last forward; other tasks, e.g.
                 the ones absent from that step, are ignored, so the step's whole loss dict can
                 be passed), or a 1-D tensor / sequence in the last forward's task order.
+                Under a process group they are averaged across ranks (as ``gs.backward``
+                averages the losses the forward sees), so every rank keeps the same logits.
         """
         if self._prev is None or self._prev_tasks is None:
             raise RuntimeError(
@@ -177,6 +180,9 @@ class FAMO(LossWeighting):
             )
         names = self._prev_tasks
         current = self._as_values(new_losses, names)
+        if is_distributed():  # forward saw the rank-averaged losses; so must the update
+            current = current.clone()
+            all_reduce_mean_([current])
         bad = [t for t, v in zip(names, current.tolist()) if not math.isfinite(v)]
         if bad:
             raise ValueError(f"FAMO.update got a non-finite loss for task(s) {bad}")
