@@ -88,6 +88,7 @@ def backward(
     chunk_size: int | None = None,
     update: Update = "jacobian",
     retain_graph: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> BackwardResult:
     """Backpropagate several task losses, combining their gradients on the shared parameters.
 
@@ -130,6 +131,13 @@ def backward(
             extra backward), and ``"backward"`` frees it first and runs one backward of
             ``sum_i w_i L_i``.
         retain_graph: keep the autograd graph after the call, as in ``Tensor.backward``.
+        scaler: a ``torch.amp.GradScaler`` for float16 mixed precision. Pass the *unscaled*
+            losses: the backward passes run on the scaled losses (so float16 gradients do not
+            underflow), the method sees unscaled losses, Gramian and Jacobian (its result does
+            not depend on the scale), and ``.grad`` receives the scaled update, so that
+            ``scaler.step(opt)`` unscales it and skips the step on overflow (a non-finite
+            Gramian or Jacobian then bypasses the method and writes the non-finite equal-
+            weights update). Gramians and solvers always run in float32 or wider.
 
     Returns:
         A :class:`BackwardResult` with the weights used and the Gramian statistics.
@@ -188,6 +196,13 @@ def backward(
         empty = values.new_zeros(n)
         return BackwardResult(tasks, present, skipped, values, empty, None)
 
+    scale = None
+    if scaler is not None:
+        if not hasattr(scaler, "get_scale") or not hasattr(scaler, "is_enabled"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if scaler.is_enabled():  # scaler.scale() also starts the scaler's state
+            scale = scaler.scale(torch.ones((), device=live[0].device, dtype=torch.float32))
+            live = [loss * scale.to(loss.dtype) for loss in live]
     stash = _GradStash(live) if distributed else None
     try:
         result, identical = _combine(
@@ -205,6 +220,7 @@ def backward(
             update,
             retain_graph,
             distributed,
+            scale,
         )
     except BaseException:
         if stash is not None:
@@ -235,6 +251,7 @@ def _combine(
     update: Update,
     retain_graph: bool,
     distributed: bool,
+    scale: Tensor | None = None,
 ) -> tuple[BackwardResult, bool]:
     """The method's work for the present tasks; also says whether the shared parameters'
     update is identical across ranks by construction (computed from averaged gradients)."""
@@ -251,8 +268,8 @@ def _combine(
     pre_weights = None
     if isinstance(method, Chain):  # the balancer scales the losses, then the surgery acts
         pre_weights = _loss_weights(method.balancer, live_values, present)
-        scale = pre_weights.to(live[0].dtype).unbind()
-        live = [b * loss for b, loss in zip(scale, live)]
+        factors = pre_weights.to(live[0].dtype).unbind()
+        live = [b * loss for b, loss in zip(factors, live)]
         live_values = live_values * pre_weights.to(live_values)
 
     # A gradient-informed loss weighting (GradNorm): G is measured on `shared` (or the
@@ -304,7 +321,13 @@ def _combine(
                 # rank r holds dL_r/dZ_r of its own mean loss; the full batch's loss is the
                 # mean of the L_r, so its Gramian on Z is sum_r G_r / R^2 (exact)
                 gramian = all_reduce_(gramian.clone(), "sum") / world_size() ** 2
-        weights = method(gramian, live_values.to(gramian.dtype), present)
+        if scale is not None:  # the losses were scaled by s: G by s^2
+            gramian = gramian / scale.to(gramian.dtype) ** 2
+        if scale is not None and not bool(torch.isfinite(gramian).all()):
+            # float16 overflow: GradScaler will skip this step; keep the method out of it
+            weights = gramian.new_ones(len(keep))
+        else:
+            weights = method(gramian, live_values.to(gramian.dtype), present)
         _check_weights(weights, len(keep), method)
         weights = weights.detach()
         if pre_weights is not None:
@@ -331,7 +354,14 @@ def _combine(
     elif method.requires == "jacobian":
         jacobian = torch.cat([b.reshape(b.shape[0], -1) for _, b in pairs], dim=1)
         feats = None if features is None else features.detach()
-        direction = method(jacobian, live_values, present, features=feats)
+        if scale is not None:
+            jacobian = jacobian / scale.to(jacobian.dtype)
+        if scale is not None and not bool(torch.isfinite(jacobian).all()):
+            direction = jacobian.sum(dim=0)  # overflow: GradScaler skips the step
+        else:
+            direction = method(jacobian, live_values, present, features=feats)
+        if scale is not None:
+            direction = direction * scale.to(direction.dtype)
         if direction.shape != (jacobian.shape[1],):
             raise RuntimeError(
                 f"{type(method).__name__} returned an update of shape {tuple(direction.shape)}, "
