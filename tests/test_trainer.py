@@ -325,3 +325,29 @@ def test_callback_state_is_checkpointed_and_restored(tmp_path):
         _model(), SPECS, epochs=3, batch_size=32, run_dir=tmp_path, resume=True, callbacks=[second]
     ).fit(data)
     assert second.steps == 6  # 2 restored + 4 new
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training(precision, tmp_path):
+    data = _data()
+    trainer = Trainer(
+        _model(),
+        SPECS,
+        gs.PCGrad(seed=0),
+        batch_size=32,
+        epochs=10,
+        lr=1e-2,
+        precision=precision,
+        run_dir=tmp_path,
+    )
+    trainer.fit(data, data)
+    assert trainer.evaluate(data)["cls"]["acc"] > 0.85
+    assert torch.isfinite(_params(trainer.model)).all()
+    if precision == "fp16":
+        state = load_checkpoint(tmp_path / "checkpoints" / "epoch-10.pt")
+        assert state["scaler"]["scale"] > 0
+
+
+def test_bad_precision():
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(_model(), SPECS, precision="int8")

@@ -9,6 +9,7 @@ it through the method protocol's hooks (:meth:`~gradsurgery.Method.observe_kpis`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -120,6 +121,11 @@ class Trainer:
         tensorboard: log to TensorBoard under ``run_dir/tb`` (``"auto"``: when installed).
         log_every: log every k-th step to the JSONL file and TensorBoard.
         eval_batch_size: batch size of evaluation.
+        precision: ``"32"`` (default), ``"bf16"`` (``torch.autocast`` with bfloat16 for the
+            forward and the losses) or ``"fp16"`` (float16 autocast and a
+            ``torch.amp.GradScaler`` passed to :func:`gradsurgery.backward`, which unscales
+            before any surgery; the scaler's state is checkpointed). Gramians and solvers run
+            in float32 or wider in every mode.
     """
 
     def __init__(
@@ -154,6 +160,7 @@ class Trainer:
         tensorboard: bool | str = "auto",
         log_every: int = 1,
         eval_batch_size: int = 1024,
+        precision: str = "32",
     ) -> None:
         from gradsurgery.aggregators.equal_weights import EqualWeights
 
@@ -226,6 +233,10 @@ class Trainer:
         self.epoch = 0
         self.steps_per_epoch = 0
         self.method_gives_gramian = method.requires == "gramian"
+        if precision not in ("32", "bf16", "fp16"):
+            raise ValueError(f"precision must be '32', 'bf16' or 'fp16', got {precision!r}")
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._stats: dict[str, tuple[float, float]] = {}  # task -> (mean, std)
         self._batches: SameInputBatches | MultiInputBatches | None = None
 
@@ -351,8 +362,9 @@ class Trainer:
         step = self.global_step
         begin = time.perf_counter()
         x, targets, masks = self._unpack(batch)
-        out = self.model(x)
-        losses = self._losses(out, targets, masks)
+        with self._autocast():
+            out = self.model(x)
+            losses = self._losses(out, targets, masks)
         live = {t: v for t, v in losses.items() if v.requires_grad}
         if self.method.needs_kpis and live:
             self.method.observe_kpis(self._kpis(out, targets, masks, live))
@@ -373,6 +385,7 @@ class Trainer:
                 shared,
                 method=self.method,
                 features=getattr(self.model, "features", None) if self.features else None,
+                scaler=self.scaler,
                 **self.backward_options,
             )
             if res.weights is not None:
@@ -383,8 +396,13 @@ class Trainer:
                 sub = res.gramian[idx][:, idx]
                 extra.update(gramian_stats(sub, res.present))
         else:  # no shared parameter (independent networks): each task trains alone
-            torch.autograd.backward(list(live.values()))
-        self.optimizer.step()
+            total = _sum_losses(list(live.values()))
+            torch.autograd.backward(self.scaler.scale(total) if self.scaler else total)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if live:
             batch_ref = (x, targets, masks)
             self.method.after_step(lambda: self._recompute(batch_ref))
@@ -404,9 +422,15 @@ class Trainer:
         record.update(extra)
         return record
 
+    def _autocast(self) -> Any:
+        if self.precision == "32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def _recompute(self, batch: tuple[Any, Any, Any]) -> dict[str, Tensor]:
         x, targets, masks = batch
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             out = self.model(x)
             return self._losses(out, targets, masks)
 
@@ -649,6 +673,7 @@ class Trainer:
             },
             "best_model": best_state,
             "target_stats": {t: list(v) for t, v in self._stats.items()},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             # callbacks with state (e.g. diagnostics accumulators), by position
             "callbacks": {
                 str(i): cb.state_dict()
@@ -682,6 +707,8 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.global_step = int(state["global_step"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         result.history = list(state["history"])
         best = state["best"]
         result.best_epoch, result.best_score = int(best["epoch"]), float(best["score"])
@@ -694,6 +721,13 @@ class Trainer:
             ):
                 self.callbacks[i].load_state_dict(cb_state)
         return int(state["epoch"])
+
+
+def _sum_losses(losses: list[Tensor]) -> Tensor:
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    return total
 
 
 def _positive(value: object, name: str) -> None:
