@@ -84,3 +84,61 @@ def worker(rank: int, world: int, method_name: str, out_dir: str, init_file: str
 if __name__ == "__main__":  # single process, full batch: the reference
     name, out = sys.argv[1:3]
     torch.save(train(name, 0, 1), out)
+
+
+def train_with_trainer(method_name: str, run_dir: str | None) -> dict[str, torch.Tensor]:
+    from gradsurgery.training import MultiTaskData, TaskSpec, Trainer
+
+    x, y = data()
+    torch.manual_seed(0)
+    model = gs.models.SharedBottom({"a": 1, "b": 1, "c": 1}, in_features=5, hidden=[8, 6])
+    model.double()
+    specs = [TaskSpec(t, loss="mse") for t in "abc"]
+    trainer = Trainer(
+        model,
+        specs,
+        make_method(method_name).double(),
+        batch_size=16,
+        epochs=2,
+        lr=1e-2,
+        run_dir=run_dir,
+        tensorboard=False,
+    )
+    trainer.fit(MultiTaskData(x, y))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def trainer_worker(rank: int, world: int, method_name: str, out_dir: str, init_file: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        state = train_with_trainer(method_name, os.path.join(out_dir, "run"))
+        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def absent_worker(rank: int, world: int, out_dir: str, init_file: str) -> None:
+    """Task b is absent on rank 1 only: every rank must raise the same clear error."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        torch.manual_seed(0)
+        model = gs.models.SharedBottom({"a": 1, "b": 1}, in_features=5, hidden=[4])
+        out = model(torch.randn(4, 5))
+        losses = {"a": out["a"].pow(2).mean(), "b": out["b"].pow(2).mean()}
+        if rank == 1:
+            losses["b"] = torch.zeros(())
+        try:
+            gs.backward(losses, list(model.shared_parameters()), method=gs.MGDA())
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        with open(os.path.join(out_dir, f"err{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        torch.distributed.destroy_process_group()

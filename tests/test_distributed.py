@@ -65,3 +65,36 @@ def test_two_ranks_on_half_batches_equal_one_process_on_the_full_batch(tmp_path,
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), f"replicas differ on {key}"
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_trainer_on_two_ranks_equals_one_process(tmp_path):
+    single = worker_module.train_with_trainer("pcgrad", None)
+    init = tmp_path / "pg-init"
+    mp.start_processes(
+        worker_module.trainer_worker,
+        args=(2, "pcgrad", str(tmp_path), str(init)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-7, msg=key)
+    # rank 0 alone wrote the log and the checkpoints
+    assert (tmp_path / "run" / "log.jsonl").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "epoch-1.pt",
+        "epoch-2.pt",
+    ]
+
+
+def test_ranks_with_different_tasks_are_refused(tmp_path):
+    init = tmp_path / "pg-init"
+    mp.start_processes(
+        worker_module.absent_worker,
+        args=(2, str(tmp_path), str(init)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    for r in range(2):
+        assert "present on some ranks" in (tmp_path / f"err{r}.txt").read_text()

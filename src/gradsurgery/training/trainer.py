@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsurgery.backward import backward
+from gradsurgery.distributed import all_reduce_mean_, broadcast_parameters, world_size
 from gradsurgery.method import Method
 from gradsurgery.training.batches import MultiInputBatches, SameInputBatches
 from gradsurgery.training.callbacks import (
@@ -220,13 +221,19 @@ class Trainer:
         self.select_by, self.baseline, self.restore_best = select_by, baseline, restore_best
         self.log_every, self.eval_batch_size = log_every, eval_batch_size
         self.callbacks: list[Callback] = list(callbacks)
-        if self.run_dir is not None:
+        # under torch.distributed: each rank trains on its share of every batch, rank 0 logs
+        # and checkpoints, gs.backward averages across ranks (docs/distributed.md)
+        self.rank, self.world = _rank_and_world()
+        if self.run_dir is not None and self.rank == 0:
             self.callbacks.insert(0, JsonlLogger(self.run_dir / "log.jsonl", every=log_every))
             if tensorboard is True or (tensorboard == "auto" and _has_tensorboard()):
                 self.callbacks.insert(1, TensorBoardLogger(self.run_dir / "tb", every=log_every))
-        if progress:
+        if progress and self.rank == 0:
             self.callbacks.append(ProgressBar())
         self.model.to(self.device)
+        if self.world > 1:  # identical replicas from the start, as DDP's constructor does
+            broadcast_parameters(self.model)
+            broadcast_parameters(self.method)
         self.method.to(self.device)
         self.optimizer = self._make_optimizer(optimizer)
         self.global_step = 0
@@ -300,7 +307,7 @@ class Trainer:
                     weight_sums[t] = weight_sums.get(t, 0.0) + v
                 for cb in self.callbacks:
                     cb.on_step_end(self, record)
-            train_loss = {t: sums[t] / counts[t] for t in sums}
+            train_loss = self._mean_over_ranks({t: sums[t] / counts[t] for t in sums})
             self.method.end_epoch(train_loss)
             step_times.extend(epoch_times)
             record: dict[str, Any] = {
@@ -325,7 +332,7 @@ class Trainer:
             result.history.append(record)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, record)
-            if self.checkpoint and self.run_dir is not None:
+            if self.checkpoint and self.run_dir is not None and self.rank == 0:
                 self._save(epoch, result, best_state)
         if step_times:
             result.step_time = statistics.median(step_times)
@@ -361,13 +368,15 @@ class Trainer:
         self.global_step += 1
         step = self.global_step
         begin = time.perf_counter()
+        if self.world > 1:
+            batch = _shard(batch, self.rank, self.world)
         x, targets, masks = self._unpack(batch)
         with self._autocast():
             out = self.model(x)
             losses = self._losses(out, targets, masks)
         live = {t: v for t, v in losses.items() if v.requires_grad}
         if self.method.needs_kpis and live:
-            self.method.observe_kpis(self._kpis(out, targets, masks, live))
+            self.method.observe_kpis(self._mean_over_ranks(self._kpis(out, targets, masks, live)))
         extra: dict[str, Any] = {}
         paused = time.perf_counter()
         for cb in self.callbacks:
@@ -398,6 +407,8 @@ class Trainer:
         else:  # no shared parameter (independent networks): each task trains alone
             total = _sum_losses(list(live.values()))
             torch.autograd.backward(self.scaler.scale(total) if self.scaler else total)
+            if self.world > 1:  # as plain DDP: average the gradients
+                all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -408,6 +419,8 @@ class Trainer:
             self.method.after_step(lambda: self._recompute(batch_ref))
         elapsed = time.perf_counter() - begin
         values = {t: float(v) for t, v in zip(live, torch.stack(list(live.values())).tolist())}
+        if self.world > 1:  # the rank-averaged losses (what the method saw)
+            values = self._mean_over_ranks(values)
         finite = {t: v for t, v in values.items() if math.isfinite(v)}  # skipped NaN/Inf
         if finite:
             self.sampler.observe(finite)
@@ -421,6 +434,16 @@ class Trainer:
             record["weight"] = weights
         record.update(extra)
         return record
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Per-task numbers averaged over ranks (a task missing on a rank drops out)."""
+        if self.world == 1:
+            return values
+        vec = torch.tensor(
+            [values.get(t, math.nan) for t in self.tasks], dtype=torch.float64, device=self.device
+        )
+        all_reduce_mean_([vec])
+        return {t: v for t, v in zip(self.tasks, vec.tolist()) if math.isfinite(v)}
 
     def _autocast(self) -> Any:
         if self.precision == "32":
@@ -721,6 +744,28 @@ class Trainer:
             ):
                 self.callbacks[i].load_state_dict(cb_state)
         return int(state["epoch"])
+
+
+def _rank_and_world() -> tuple[int, int]:
+    world = world_size()
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def _shard(batch: Any, rank: int, world: int) -> Any:
+    """This rank's rows of a batch (every rank iterates the same batches: same seed)."""
+    if isinstance(batch, MultiTaskData):
+        if len(batch) < world:
+            raise ValueError(f"a batch of {len(batch)} rows cannot be split over {world} ranks")
+        return batch.subset(torch.arange(rank, len(batch), world))
+    out = {}
+    for t, (x, y) in batch.items():
+        if x.shape[0] < world:
+            raise ValueError(
+                f"task {t!r} has {x.shape[0]} example(s) in this batch, fewer than the {world} "
+                "ranks: use a stratified sampler with a larger batch under a process group"
+            )
+        out[t] = (x[rank::world], y[rank::world])
+    return out
 
 
 def _sum_losses(losses: list[Tensor]) -> Tensor:
