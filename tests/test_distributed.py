@@ -98,3 +98,39 @@ def test_ranks_with_different_tasks_are_refused(tmp_path):
     )
     for r in range(2):
         assert "present on some ranks" in (tmp_path / f"err{r}.txt").read_text()
+
+
+@pytest.mark.slow
+def test_cli_bench_nproc_2_launches_torchrun(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradsurgery.cli",
+            "bench",
+            "-b",
+            "mmoe-synthetic",
+            "--methods",
+            "mgda",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--fast",
+            "--nproc",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.distributed.run" in done.stdout
+    (run,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert (run / "results.json").exists()

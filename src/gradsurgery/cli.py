@@ -118,11 +118,14 @@ def _run(
     from gradsurgery.benchmarks.run import run_benchmark
 
     console = _console()
+    lead = _rank() == 0  # under torchrun, rank 0 alone prints and writes
+    if not lead:
+        console.quiet = True
     try:
         bench = get_benchmark(benchmark)
     except ValueError as e:
         _fail(str(e))
-    run_dir = out / _timestamp()
+    run_dir = out / (os.environ.get("GRADSURGERY_RUN_ID") or _timestamp())
     n = 0
     total = seeds * (len(methods) + 1)
 
@@ -152,6 +155,8 @@ def _run(
         )
     except MissingDataError as e:
         _fail(str(e), code=1)
+    if not lead:
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(_jsonable(report.to_json()), indent=1))
     table = report.markdown()
@@ -239,8 +244,30 @@ def bench(
     fast: bool = typer.Option(False, "--fast", help="Smoke run on a few hundred examples."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Retrain the baselines."),
     threads: int | None = typer.Option(None, min=1),
+    nproc: int = typer.Option(
+        1, min=1, help="Data-parallel processes, launched with torchrun (gloo CPU, nccl GPU)."
+    ),
 ) -> None:
     """Train methods on a benchmark over seeds; table, JSON and plots in runs/<timestamp>/."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        args = ["bench"]  # the children see WORLD_SIZE and join the group torchrun sets up
+        for flag, value in (
+            ("--benchmark", benchmark),
+            ("--methods", methods),
+            ("--seeds", seeds),
+            ("--epochs", epochs),
+            ("--batch-size", batch_size),
+            ("--lr", lr),
+            ("--config", config),
+            ("--out", out),
+            ("--threads", threads),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        args += ["--fast"] if fast else []
+        args += ["--no-cache"] if no_cache else []
+        raise typer.Exit(_torchrun(nproc, args))
+    _init_distributed()
     _threads(threads)
     cfg = _load_config(config) if config is not None else {}
     name = benchmark or cfg.get("benchmark")
@@ -303,6 +330,45 @@ def toy2d(
         console.print(f"plot: {path}")
     except ImportError as e:
         console.print(f"[yellow]no plot[/]: {e}")
+
+
+def _torchrun(nproc: int, args: list[str]) -> int:
+    """Run ``gradsurgery <args>`` in ``nproc`` processes with torchrun; its exit code."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GRADSURGERY_RUN_ID": _timestamp()}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "gradsurgery.cli",
+        *args,
+    ]
+    _console().print("launching: " + " ".join(cmd[1:]), highlight=False)
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def _init_distributed() -> None:
+    """Join the process group torchrun describes in the environment (if any)."""
+    import torch
+
+    dist = torch.distributed
+    wanted = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if wanted and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _rank() -> int:
+    import torch
+
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _first_line(obj: Any) -> str:

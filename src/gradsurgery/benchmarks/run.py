@@ -346,6 +346,9 @@ def _store_baseline(
 ) -> None:
     if cache_dir is None:
         return
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return  # one writer under a process group
     path = Path(cache_dir) / _cache_key(bench, seed, settings, shrunk)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
