@@ -24,6 +24,8 @@ def make_method(name: str) -> gs.Method:
         "uncertainty": lambda: gs.UncertaintyWeighting(tasks=["a", "b", "c"]),
         "mgda-features": lambda: gs.MGDA(),
         "graddrop": lambda: gs.GradDrop(seed=3),
+        "nash_mtl": lambda: gs.NashMTL(),
+        "gradvac": lambda: gs.GradVac(seed=3),
     }[name]()
 
 

@@ -57,6 +57,8 @@ def _two_ranks(name: str, tmp_path: Path) -> list[dict[str, torch.Tensor]]:
         pytest.param("famo", marks=pytest.mark.slow),
         pytest.param("uncertainty", marks=pytest.mark.slow),
         pytest.param("mgda-features", marks=pytest.mark.slow),
+        pytest.param("nash_mtl", marks=pytest.mark.slow),
+        pytest.param("gradvac", marks=pytest.mark.slow),
     ],
 )
 def test_two_ranks_on_half_batches_equal_one_process_on_the_full_batch(tmp_path, name):

@@ -41,9 +41,10 @@ group at lr 0.025, the reference's ``--method-params-lr``), the shared update wr
 own toy runs 100 000 with the inits (-8.5, 7.5), (-8.5, -5), (9, 9), no scale and c = 0.5);
 :data:`DEFAULT_STEPS` is the same 35 000: Adam moves each coordinate by at most about lr per
 step, so the far inits need most of that budget (from (9, 9), x2 alone has 17.4 to travel).
-A step costs one :func:`~gradsurgery.backward` and one Adam step, about 1 ms on one CPU
-thread (more for the methods with a solver), so the 25 runs of the default command take
-15-25 minutes; ``benchmarks/toy2d.py --methods ...`` runs one method at a time and merges.
+A step costs one :func:`~gradsurgery.backward` and one Adam step: 0.8 ms of CPU time for
+equal weights, 1.7-2.6 ms for MGDA, PCGrad, Nash-MTL and CAGrad (one thread), so the 25 runs
+of the default command take about 28 minutes of CPU time; ``benchmarks/toy2d.py --methods
+...`` runs one method at a time (3-8 minutes each) and ``--merge`` joins them.
 Each run uses a fresh method, built inside ``torch.random.fork_rng`` seeded with ``seed``, so
 results do not depend on the order of the runs and the caller's RNG is left untouched.
 
