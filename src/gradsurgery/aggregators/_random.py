@@ -6,6 +6,8 @@ sequence on any device and the generator state checkpoints with the method's ``s
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,10 @@ def make_generator(
     """A CPU generator from ``seed`` (or torch's global RNG when both are None) or as given."""
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"{owner}: seed must be an int or None, got {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{owner}: generator must be a torch.Generator or None, got {generator!r}")
     if generator is None:
         generator = torch.Generator()
         if seed is None:
