@@ -23,3 +23,24 @@ def check_number(
     if high is not None and v >= high:
         raise ValueError(f"{name} must be < {high}, got {value!r}")
     return v
+
+
+def require_real(value: object, name: str, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a real number (or ``None``
+    when ``optional``); bools are refused. Range checks stay with the caller."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+def require_bool(value: object, name: str) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def require_sequence(value: object, name: str) -> None:
+    """Raise ``TypeError`` naming ``name`` for a str/bytes or a non-iterable value."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence or mapping of numbers, got {value!r}")

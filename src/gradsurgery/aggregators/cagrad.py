@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_real
 from gradsurgery.aggregators import _min_norm
 from gradsurgery.method import Weighting
 
@@ -91,6 +92,7 @@ class CAGrad(Weighting):
         self, c: float = 0.4, rescale: int = 1, rtol: float | None = None, max_iter: int = 100
     ) -> None:
         super().__init__()
+        require_real(max_iter, "max_iter")
         if not (isinstance(c, numbers.Real) and math.isfinite(c) and c >= 0):
             raise ValueError(f"c must be a finite number >= 0, got {c!r}")
         if rescale not in RESCALES or isinstance(rescale, bool):

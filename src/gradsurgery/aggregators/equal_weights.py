@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_bool
 from gradsurgery.method import LossWeighting
 
 __all__ = ["EqualWeights"]
@@ -23,6 +24,7 @@ class EqualWeights(LossWeighting):
 
     def __init__(self, mean: bool = False) -> None:
         super().__init__()
+        require_bool(mean, "mean")
         self.mean = bool(mean)
 
     def forward(self, losses: Tensor, tasks: tuple[str, ...]) -> Tensor:

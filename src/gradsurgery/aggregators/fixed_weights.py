@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_sequence
 from gradsurgery.method import LossWeighting
 
 __all__ = ["FixedWeights"]
@@ -29,6 +30,7 @@ class FixedWeights(LossWeighting):
 
     def __init__(self, weights: Mapping[str, float] | Sequence[float]) -> None:
         super().__init__()
+        require_sequence(weights, "weights")
         if isinstance(weights, Mapping):
             items = {str(k): float(v) for k, v in weights.items()}
             values = list(items.values())

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_real
 from gradsurgery.method import Weighting
 
 __all__ = ["IMTLG", "imtlg_weights"]
@@ -57,6 +58,7 @@ class IMTLG(Weighting):
 
     def __init__(self, rtol: float | None = None) -> None:
         super().__init__()
+        require_real(rtol, "rtol", optional=True)
         if rtol is not None and not 0.0 <= rtol < 1.0:
             raise ValueError(f"rtol must be None or in [0, 1), got {rtol!r}")
         self.rtol = rtol

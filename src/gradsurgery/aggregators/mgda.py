@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_real
 from gradsurgery.aggregators import _min_norm
 from gradsurgery.method import Weighting
 
@@ -61,6 +62,7 @@ class MGDA(Weighting):
         tol: float = 1e-5,
     ) -> None:
         super().__init__()
+        require_real(tol, "tol")
         if normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"

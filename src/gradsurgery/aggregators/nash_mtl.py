@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_real
 from gradsurgery.method import Weighting
 
 __all__ = ["NashMTL", "solve_nash"]
@@ -196,6 +197,7 @@ class NashMTL(Weighting):
         ridge: float = 1e-8,
     ) -> None:
         super().__init__()
+        require_real(max_norm, "max_norm")
         if not (math.isfinite(max_norm) and max_norm >= 0):
             raise ValueError(f"max_norm must be finite and >= 0 (0 disables), got {max_norm}")
         if int(update_weights_every) != update_weights_every or update_weights_every < 1:

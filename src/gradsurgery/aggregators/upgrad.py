@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_real
 from gradsurgery.method import Weighting
 
 __all__ = ["UPGrad", "dual_cone_weights"]
@@ -218,6 +219,11 @@ class UPGrad(Weighting):
         reg_eps: float = 1e-4,
     ) -> None:
         super().__init__()
+        require_real(reg_eps, "reg_eps")
+        if isinstance(pref_vector, (str, bytes)):
+            raise TypeError(
+                f"pref_vector must be a sequence or mapping of numbers, got {pref_vector!r}"
+            )
         self.pref_vector = check_options(pref_vector, reduction, norm_eps, reg_eps)
         self.reduction = reduction
         self.norm_eps = float(norm_eps)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_real
 from gradsurgery.method import LossWeighting
 
 __all__ = ["DTP"]
@@ -63,6 +64,7 @@ class DTP(LossWeighting):
         self, alpha: float = 0.9, gamma: float | Mapping[str, float] = 1.0, eps: float = 1e-6
     ) -> None:
         super().__init__()
+        require_real(alpha, "alpha")
         alpha = float(alpha)
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")

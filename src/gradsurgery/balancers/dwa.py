@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from gradsurgery._checks import require_real
 from gradsurgery.method import LossWeighting
 
 __all__ = ["DWA"]
@@ -72,6 +73,7 @@ class DWA(LossWeighting):
 
     def __init__(self, temp: float = 2.0, window: int | None = None) -> None:
         super().__init__()
+        require_real(temp, "temp")
         temp = float(temp)
         if not math.isfinite(temp) or temp <= 0:
             raise ValueError(f"temp must be finite and > 0, got {temp}")

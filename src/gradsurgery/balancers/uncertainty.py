@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gradsurgery._checks import require_real
 from gradsurgery.method import LossWeighting
 
 __all__ = ["UncertaintyWeighting"]
@@ -85,6 +86,7 @@ class UncertaintyWeighting(LossWeighting):
         init: float = 0.0,
     ) -> None:
         super().__init__()
+        require_real(init, "init")
         if (tasks is None) == (n_tasks is None):
             raise ValueError("UncertaintyWeighting needs either tasks (the names) or n_tasks")
         if tasks is not None:

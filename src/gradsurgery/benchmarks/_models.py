@@ -65,9 +65,9 @@ class MultiLeNetBottom(nn.Sequential):
     Sener & Koltun resize the 36 x 36 MultiMNIST canvases to 28 x 28 (so their linear layer
     reads 20 * 4 * 4 = 320 values) and use width 50. Here the network reads the 36 x 36
     canvases directly (20 * 6 * 6 = 720 values, as in Pareto MTL's reimplementation) and the
-    benchmarks use width 100: on the 5k-digit MultiMNIST and a CPU budget of about 86k
-    examples, the 28 x 28 resize lost 4-5 points of accuracy per task and width 100 gained
-    about 3 over width 50 (measured, see the MultiMNIST module notes).
+    benchmarks use width 100: on the 5k-digit MultiMNIST with a CPU budget of about 86k
+    training examples (seed 0), the 28 x 28 resize lost 3-6 points of test accuracy per task
+    and width 100 gained 1-4 points over width 50.
 
     Reference: Ozan Sener, Vladlen Koltun. "Multi-Task Learning as Multi-Objective
     Optimization". NeurIPS 2018. arXiv:1810.04650 (MultiMNIST experiments, section 7.1).

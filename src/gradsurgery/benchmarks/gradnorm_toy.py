@@ -18,6 +18,13 @@ Splits: one ``gradnorm_toy`` call of 12 000 rows seeded by the benchmark seed (t
 matrices B, eps_i depend on the seed only), the first 10 000 rows for training, the next
 1 000 for validation and the last 1 000 for test (iid rows, so random splits).
 
+The tasks are hard to fit (tanh of projections with entries of standard deviation ~10 is
+nearly a sign function): with the defaults (25 epochs, about 1 000 Adam steps, equal
+weights, a plain loop) the test MSE of the sigma = 100 task falls to about 0.9 of its
+variance, while that of the sigma = 1 task stays at its variance (about 1.03): the large
+task takes the shared trunk, the imbalance loss-balancing methods are meant to correct.
+``benchmarks/gradnorm_toy.py`` runs the same setting for 5 000 steps.
+
 Default model, as in the paper: a shared trunk of 4 fully connected ReLU layers of 100 units
 and one final affine layer (100 -> 100) per task.
 """

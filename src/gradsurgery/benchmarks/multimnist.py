@@ -19,7 +19,7 @@ Sizes and defaults are set for a CPU: one default run of the MultiLeNet (8 epoch
 14 400 train pairs, batch 256, Adam lr 5e-3, equal weights, a plain loop) takes about 20 s
 on 2 cores and reaches 83-85% test accuracy on ``left`` and 81-82% on ``right`` (seeds 0-2;
 chance: 10%). With fewer pairs the right digit stays below 80% (3 repeats: 77-82%, the
-same compute); 36 x 36 inputs beat Sener & Koltun's 28 x 28 resize by 4-6 points at equal
+same compute); 36 x 36 inputs beat Sener & Koltun's 28 x 28 resize by 3-6 points at equal
 epochs. The numbers are not comparable to papers that pair the 60 000 MNIST training
 digits.
 
