@@ -437,10 +437,11 @@ def _resolve_strategy(
     """What ``"auto"`` means for this step (cost model in docs/performance.md).
 
     * A weighting (``requires == "gramian"``) on the shared parameters: the Gramian engine.
-      Per step it runs each task's head once, one vmapped backward of activation gradients
-      through the shared layers (about T x 3/4 of a plain backward for an MLP), and per
-      layer the cheaper of two contractions, never the T x P Jacobian. It beats the
-      Jacobian strategies at every T measured (benchmarks/step_speed.py).
+      Per step it runs each task's head once, the T tasks' activation gradients through the
+      shared layers, and per layer the cheaper of two contractions, never the T x P
+      Jacobian. Measured on the CPU (benchmarks/step_speed.py, docs/performance.md): 1.2x
+      faster than the loop at T = 10 and 1.5x at T = 40 on the MLP, as fast at T = 2 and on
+      the CNN (whose convolutions take the per-task-block rule).
     * On the features, J only traverses the heads, where one vmapped backward pushes all T
       rows through every head (T^2 head passes): 40x slower than the loop at T = 40. Loop.
     * Methods that need J itself (GradDrop): on the CPU the vmapped backward is no faster

@@ -17,10 +17,11 @@ parameters' term of G = J J^T, G_ij += <g_i, g_j>, and later the update sum_i w_
 * embeddings: g_i is D_i summed per distinct index (rows grouped by a sort: no host sync).
 * layer, group and batch norm: g_i = sum D_i * x_hat (weight), sum D_i (bias).
 
-What a layer keeps for the update is the smaller of D (T x its output) and its per-task
-parameter gradients (T x its parameters, e.g. a convolution's kernel, a norm's scale):
-never more than T x the activations, never more than the Jacobian. Anything without a rule
-falls back to its per-task gradient block (T, *shape) from the same batched backward.
+Each layer works in one of two modes (:func:`prefer_blocks`, a cost model in multiply-adds
+with a memory cap): keep D and use the formulas above, or let autograd give the per-task
+parameter gradients (blocks, T x its parameters) from the node's own backward. It never
+keeps more than twice the smaller of T x its output and T x its parameters. Anything without
+a rule falls back to its per-task gradient block (T, *shape) from the same backward.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ when ``gs.backward`` is called:
    layer/group/batch norm); the graph is split into each task's own part (its head) and
    the shared zone, at the frontier (the shared representation the heads read).
 2. **Phase 1**: one ordinary backward per task through its own part only, to the frontier.
-3. **Phase 2**: the T stacked frontier gradients go through the zone in one batched
-   backward (vmapped, ``is_grads_batched``; on the CPU with convolutions or one thread,
-   one backward per task, measured faster there). Per layer (:mod:`._layers`), autograd is
+3. **Phase 2**: the T stacked frontier gradients go through the zone in one vmapped
+   backward (``is_grads_batched``). On the CPU with convolutions/pooling or one thread,
+   phases 1 and 2 are one plain backward per task from its loss instead (measured faster
+   there: ``batched=False``). Per layer (:mod:`._layers`), autograd is
    asked either for the gradient *at the layer's output* (``GradientEdge``: D, the zone
    then runs activation gradients only) or for the layer's parameters (their per-task
    gradient blocks), whichever the layer's cost model prefers.
@@ -145,10 +146,11 @@ def gramian_pass(
         losses: T scalar losses with an autograd graph.
         params: the parameters (all reached by some loss), e.g. the shared ones.
         chunk_size: at most this many tasks per vmapped backward (``None``: all at once).
-        batched: phase 2 as one vmapped backward (``True``) or one backward per task from
-            the frontier (``False``); ``None``: vmapped, except on the CPU with one torch
-            thread or with convolutions/pooling in the shared zone (their vmap rules loop
-            over the tasks anyway, with extra copies: measured 1.1-1.7x slower there).
+        batched: phases 1 and 2 (``True``: the vmapped backward through the zone) or one
+            plain backward per task from its loss to the captures (``False``); ``None``:
+            vmapped, except on the CPU with one torch thread or with convolutions/pooling in
+            the shared zone (their vmap rules loop over the tasks anyway, with extra copies:
+            measured 1.1-1.7x slower there).
         retain_graph: keep the autograd graph after the call (needed for any later backward
             through it, e.g. an update by ``sum_i w_i L_i``).
         keep: keep the per-task output gradients so that :meth:`GramianPass.update` can
@@ -168,14 +170,15 @@ def gramian_pass(
     the_plan = plan(losses, params)
     layers, rules = _build_layers(the_plan, params)
     t = len(losses)
-    outputs, seeds, active = _phase_one(losses, the_plan)
     if batched is None:
         batched = _batched_by_default(the_plan, losses[0].device)
-    if outputs and batched:
-        _phase_two(outputs, seeds, layers, t, chunk_size, retain_graph)
-    elif outputs:
-        _phase_two_loop(outputs, seeds, layers, t, active, retain_graph)
-    del outputs, seeds
+    if batched:
+        outputs, seeds = _phase_one(losses, the_plan)
+        if outputs:
+            _phase_two(outputs, seeds, layers, t, chunk_size, retain_graph)
+        del outputs, seeds
+    else:
+        _per_task(losses, layers, retain_graph)
     with torch.no_grad():
         gram = _gramian_of(layers, t, losses)
     result = GramianPass(gram, layers, rules)
@@ -223,7 +226,7 @@ def _build_layers(the_plan, params: list[Tensor]) -> tuple[list[_layers.Layer], 
     for node, roles in by_node.values():
         try:
             layer = _layers.make_layer(node, roles)
-        except (ValueError, RuntimeError):  # no rule, or saved tensors unavailable
+        except (ValueError, RuntimeError, AttributeError):  # no rule, or saved tensors gone
             fallback.extend(p for p, _ in roles.values())
             continue
         layers.append(layer)
@@ -236,12 +239,10 @@ def _build_layers(the_plan, params: list[Tensor]) -> tuple[list[_layers.Layer], 
     return layers, [rule_of[id(p)] for p in params]
 
 
-def _phase_one(
-    losses: list[Tensor], the_plan
-) -> tuple[list[GradientEdge], list[Tensor], list[int]]:
+def _phase_one(losses: list[Tensor], the_plan) -> tuple[list[GradientEdge], list[Tensor]]:
     """Per task, one backward through its own part to the frontier; stacked per edge.
 
-    Returns the frontier edges, their (T, *shape) seeds and the tasks with any seed.
+    Returns the frontier edges and their (T, *shape) seeds.
     """
     t = len(losses)
     edges: dict[tuple[int, int], tuple[object, int]] = {}
@@ -281,8 +282,7 @@ def _phase_one(
                 seed[i] = g
         outputs.append(GradientEdge(node, nr))  # type: ignore[arg-type]
         seeds.append(seed)
-    active = sorted({i for per_task in rows.values() for i in per_task})
-    return outputs, seeds, active
+    return outputs, seeds
 
 
 def _phase_two(
@@ -318,26 +318,20 @@ def _phase_two(
             del mine
 
 
-def _phase_two_loop(
-    outputs: list[GradientEdge],
-    seeds: list[Tensor],
-    layers: list[_layers.Layer],
-    t: int,
-    active: list[int],
-    retain_graph: bool,
-) -> None:
-    """Phase 2 as one backward per task from its frontier seeds (rows written in place)."""
+def _per_task(losses: list[Tensor], layers: list[_layers.Layer], retain_graph: bool) -> None:
+    """Phase 1 and 2 without vmap: one backward per task from its loss to the captures.
+
+    Each task's head and the zone then run once per task, as the two phases would; no
+    frontier seeds are needed. Rows are written in place into one buffer per capture.
+    """
+    t = len(losses)
     wanted = [layer.captures(t) for layer in layers]
     inputs = [c for captures in wanted for c in captures]
     buffers: list[Tensor | None] = [None] * len(inputs)
     written: list[list[int]] = [[] for _ in inputs]
-    for n, i in enumerate(active):
+    for i, loss in enumerate(losses):
         row = torch.autograd.grad(
-            outputs,
-            inputs,
-            [s[i] for s in seeds],
-            retain_graph=retain_graph or n < len(active) - 1,
-            allow_unused=True,
+            loss, inputs, retain_graph=retain_graph or i < t - 1, allow_unused=True
         )
         for k, g in enumerate(row):
             if g is None:
@@ -349,8 +343,7 @@ def _phase_two_loop(
         del row
     for buffer, rows in zip(buffers, written):
         if buffer is not None and len(rows) < t:
-            missing = sorted(set(range(t)) - set(rows))
-            buffer[missing] = 0
+            buffer[sorted(set(range(t)) - set(rows))] = 0
     at = 0
     for layer, captures in zip(layers, wanted):
         mine = buffers[at : at + len(captures)]
