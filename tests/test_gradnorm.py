@@ -4,12 +4,8 @@ engine (shared layer and features), state, bad input, LibMTL, and the paper's to
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.metadata
-import importlib.util
 import io
 import math
-import sys
 import types
 
 import pytest
@@ -17,7 +13,7 @@ import torch
 from torch import nn
 
 import gradsurgery as gs
-from conftest import TwoLevelModel, grads, make_losses, per_task_jacobian
+from conftest import TwoLevelModel, grads, libmtl_weighting, make_losses, per_task_jacobian
 from gradsurgery.balancers.gradnorm import GradNorm, gradnorm_objective
 from gradsurgery.datasets.gradnorm_toy import gradnorm_toy
 
@@ -495,41 +491,8 @@ def test_bad_calls():
 
 
 def _libmtl_gradnorm() -> types.ModuleType:
-    """LibMTL 1.1.5's ``LibMTL.weighting.GradNorm``, imported without running any package
-    ``__init__`` (they need torchvision), as tests/test_reference_libmtl.py does; skips when
-    LibMTL 1.1.5 is not installed (``pip install --no-deps LibMTL==1.1.5``)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL is not installed (pip install --no-deps LibMTL==1.1.5)")
-    try:
-        version = importlib.metadata.version("LibMTL")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    if version != "1.1.5":
-        pytest.skip(f"written for LibMTL 1.1.5, found {version}")
-    root = next(iter(spec.submodule_search_locations))
-
-    def ours(key: str) -> bool:
-        return key == "LibMTL" or key.startswith("LibMTL.")
-
-    saved = {k: v for k, v in sys.modules.items() if ours(k)}
-    try:
-        for k in saved:
-            del sys.modules[k]
-        package = types.ModuleType("LibMTL")
-        package.__path__ = [root]
-        weighting = types.ModuleType("LibMTL.weighting")
-        weighting.__path__ = [f"{root}/weighting"]
-        package.weighting = weighting
-        sys.modules["LibMTL"] = package
-        sys.modules["LibMTL.weighting"] = weighting
-        return importlib.import_module("LibMTL.weighting.GradNorm")
-    except ImportError as error:
-        pytest.skip(f"cannot import LibMTL.weighting.GradNorm: {error!r}")
-    finally:
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    """LibMTL 1.1.5's ``LibMTL.weighting.GradNorm`` (skips when LibMTL is absent)."""
+    return libmtl_weighting("GradNorm")
 
 
 @contextlib.contextmanager
