@@ -8,7 +8,12 @@ from torch import nn
 
 import gradsurgery.engine.jacobian as jacobian_module
 from conftest import TwoLevelModel, make_losses, per_task_jacobian
-from gradsurgery._linalg import gramian_from_blocks, gramian_of, normalized_gramian
+from gradsurgery._linalg import (
+    gramian_from_blocks,
+    gramian_of,
+    normalized_gramian,
+    wide_product,
+)
 from gradsurgery.engine import compute_gramian, gramian_rules, jacobian_blocks, reached_leaves
 
 
@@ -92,6 +97,21 @@ def test_gramian_from_blocks_equals_concatenated_product():
     blocks = [torch.randn(4, 3, 2, generator=g), torch.randn(4, 5, generator=g)]
     flat = torch.cat([b.reshape(4, -1) for b in blocks], dim=1)
     torch.testing.assert_close(gramian_from_blocks(blocks), flat @ flat.T)
+
+
+@pytest.mark.parametrize("columns", [16384 * 3, 16384 + 1, 100])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_product_equals_the_plain_product(columns, threads, monkeypatch):
+    # the column-split route (CPU, >= 2 threads, many columns divisible by 2, 4 or 8) and
+    # the fallbacks (odd column count, few columns, one thread, a non-contiguous operand)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(columns)
+    a = torch.randn(7, columns, generator=g, dtype=torch.float64)
+    b = torch.randn(7, columns, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(wide_product(a, b), a @ b.T)
+    torch.testing.assert_close(wide_product(a), a @ a.T)
+    strided = torch.randn(columns, 7, generator=g, dtype=torch.float64).T
+    torch.testing.assert_close(wide_product(strided, a), strided @ a.T)
 
 
 def test_half_precision_blocks_give_float32_gramian():

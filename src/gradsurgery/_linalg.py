@@ -13,6 +13,32 @@ def gram_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# wide products a @ b^T (T x N by N x T) with at least this many columns are split (CPU only)
+_SPLIT_MIN_COLUMNS = 16384
+
+
+def wide_product(a: Tensor, b: Tensor | None = None) -> Tensor:
+    """``a @ b.T`` (``a @ a.T`` when ``b`` is None) for wide matrices: T x N, N >> T.
+
+    On the CPU, a (T x T) result gives a BLAS library only one block to share among its
+    threads, so a 40 x 131072 product ran on one core. With several threads and N large, the
+    columns are cut into equal chunks summed by one batched product (``bmm`` over strided
+    views, no copy): measured 1.2-1.5x faster at T = 40 on 2 threads. Exact up to the order
+    of the float additions.
+    """
+    other = a if b is None else b
+    n = a.shape[1]
+    if a.device.type != "cpu" or n < _SPLIT_MIN_COLUMNS or torch.get_num_threads() < 2:
+        return a @ other.T
+    chunks = next((c for c in (8, 4, 2) if n % c == 0), 1)
+    if chunks == 1 or a.stride(1) != 1 or other.stride(1) != 1:
+        return a @ other.T
+    t = a.shape[0]
+    left = a.view(t, chunks, n // chunks).transpose(0, 1)
+    right = other.view(other.shape[0], chunks, n // chunks).transpose(0, 1)
+    return torch.bmm(left, right.transpose(1, 2)).sum(dim=0)
+
+
 def gramian_from_blocks(blocks: Sequence[Tensor]) -> Tensor:
     """G = sum_b J_b J_b^T over column blocks J_b (each T x ...), without concatenating them.
 
@@ -32,7 +58,7 @@ def _accumulate(blocks: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     gramian = None
     for block in blocks:
         flat = block.reshape(block.shape[0], -1).to(dtype)
-        term = flat @ flat.T
+        term = wide_product(flat)
         gramian = term if gramian is None else gramian + term
     assert gramian is not None
     return gramian

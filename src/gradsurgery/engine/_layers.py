@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 from torch.nn import functional as F
 
-from gradsurgery._linalg import gram_dtype
+from gradsurgery._linalg import gram_dtype, wide_product
 
 
 def matmul_gram(a: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
@@ -45,9 +45,9 @@ def matmul_gram(a: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
     if ghost < direct:
         kernel = a @ a.T  # (R, R)
         kd = torch.matmul(kernel, d)  # (T, R, m)
-        return d.reshape(t, -1) @ kd.reshape(t, -1).T
+        return wide_product(d.reshape(t, -1), kd.reshape(t, -1))
     g = torch.matmul(d.transpose(1, 2), a).reshape(t, -1)  # this layer's A^T D_i only
-    return g @ g.T
+    return wide_product(g)
 
 
 def prefer_blocks(
@@ -86,7 +86,7 @@ def _scaled(x: Tensor, factor: float) -> Tensor:
 
 def _block_gram(block: Tensor, dtype: torch.dtype) -> Tensor:
     flat = block.reshape(block.shape[0], -1).to(dtype)
-    return flat @ flat.T
+    return wide_product(flat)
 
 
 class Layer:
