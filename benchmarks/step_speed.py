@@ -65,7 +65,6 @@ import random
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +73,7 @@ import torch
 from torch import Tensor, nn
 
 import gradsurgery as gs
+from gradsurgery._libmtl import weighting_module
 
 SEED = 0
 LR = 1e-3
@@ -175,37 +175,16 @@ LIBMTL_NAMES = {"pcgrad": ("PCGrad", {}), "mgda": ("MGDA", {"mgda_gn": "none"})}
 
 
 def libmtl_class(name: str) -> tuple[type, dict] | None:
-    """LibMTL 1.1.5's weighting class, imported without its package ``__init__`` (which needs
-    torchvision), or None (not installed, or LibMTL has no such method)."""
+    """LibMTL 1.1.5's weighting class (imported by ``gradsurgery._libmtl``, without its
+    package ``__init__``, which needs torchvision), or None (not installed, another version,
+    or LibMTL has no such method)."""
     if name not in LIBMTL_NAMES:
         return None
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = next(iter(spec.submodule_search_locations))
     module_name, kwargs = LIBMTL_NAMES[name]
-
-    def ours(key: str) -> bool:
-        return key == "LibMTL" or key.startswith("LibMTL.")
-
-    saved = {k: v for k, v in sys.modules.items() if ours(k)}
     try:
-        for k in saved:
-            del sys.modules[k]
-        package = types.ModuleType("LibMTL")
-        package.__path__ = [root]
-        weighting = types.ModuleType("LibMTL.weighting")
-        weighting.__path__ = [f"{root}/weighting"]
-        package.weighting = weighting  # type: ignore[attr-defined]
-        sys.modules["LibMTL"] = package
-        sys.modules["LibMTL.weighting"] = weighting
-        module = importlib.import_module(f"LibMTL.weighting.{module_name}")
+        module = weighting_module(module_name)
     except ImportError:
         return None
-    finally:
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
     return getattr(module, module_name), kwargs
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
-import sys
 import types
 
 import pytest
 import torch
 from torch import nn
+
+from gradsurgery._libmtl import weighting_module
 
 # Tiny tensors: one thread avoids oversubscribing a small CI machine (2 cores) and keeps the
 # suite's timings stable when other work shares the cores.
@@ -79,38 +77,9 @@ def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 def libmtl_weighting(name: str) -> types.ModuleType:
-    """LibMTL 1.1.5's ``LibMTL.weighting.<name>``, imported without running any package
-    ``__init__`` (they need torchvision), as tests/test_reference_libmtl.py does; skips when
+    """LibMTL 1.1.5's ``LibMTL.weighting.<name>`` (see ``gradsurgery._libmtl``); skips when
     LibMTL 1.1.5 is not installed (``pip install --no-deps LibMTL==1.1.5``)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("LibMTL is not installed (pip install --no-deps LibMTL==1.1.5)")
     try:
-        version = importlib.metadata.version("LibMTL")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    if version != "1.1.5":
-        pytest.skip(f"written for LibMTL 1.1.5, found {version}")
-    root = next(iter(spec.submodule_search_locations))
-
-    def ours(key: str) -> bool:
-        return key == "LibMTL" or key.startswith("LibMTL.")
-
-    saved = {k: v for k, v in sys.modules.items() if ours(k)}
-    try:
-        for k in saved:
-            del sys.modules[k]
-        package = types.ModuleType("LibMTL")
-        package.__path__ = [root]
-        weighting = types.ModuleType("LibMTL.weighting")
-        weighting.__path__ = [f"{root}/weighting"]
-        package.weighting = weighting
-        sys.modules["LibMTL"] = package
-        sys.modules["LibMTL.weighting"] = weighting
-        return importlib.import_module(f"LibMTL.weighting.{name}")
+        return weighting_module(name)
     except ImportError as error:
-        pytest.skip(f"cannot import LibMTL.weighting.{name}: {error!r}")
-    finally:
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+        pytest.skip(str(error))

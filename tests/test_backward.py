@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import gradsurgery as gs
 from conftest import TwoLevelModel, flat_grad, grads, make_losses, per_task_jacobian
@@ -98,6 +99,43 @@ def test_features_mgda_ub(model, update):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
     for p, g in zip(model.heads.parameters(), head_expected):
         torch.testing.assert_close(p.grad, g, atol=1e-7, rtol=0)
+
+
+def test_features_heads_get_the_summed_gradient_from_the_per_task_backwards(monkeypatch):
+    """On the features, the loop's per-task backwards also give the heads' gradient of
+    sum(losses) (no separate backward over the heads); a head two tasks share gets both
+    contributions, and an existing .grad is accumulated into, as Tensor.backward does."""
+    g = torch.Generator().manual_seed(3)
+    backbone = nn.Linear(4, 5)
+    shared_head = nn.Linear(5, 1)  # read by tasks a and b
+    own_head = nn.Linear(5, 1)  # task c only
+    x = torch.randn(8, 4, generator=g)
+    y = torch.randn(8, 3, generator=g)
+
+    def losses_and_z():
+        z = torch.tanh(backbone(x))
+        out = {
+            "a": ((shared_head(z).squeeze(1) - y[:, 0]) ** 2).mean(),
+            "b": (shared_head(z).squeeze(1) * y[:, 1]).mean(),
+            "c": ((own_head(z).squeeze(1) - y[:, 2]) ** 2).mean(),
+        }
+        return out, z
+
+    heads = [*shared_head.parameters(), *own_head.parameters()]
+    losses, _ = losses_and_z()
+    expected = torch.autograd.grad(sum(losses.values()), heads)
+    for p in heads:
+        p.grad = torch.ones_like(p)
+    calls = []
+    real = torch.autograd.backward
+    monkeypatch.setattr(
+        torch.autograd, "backward", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    losses, z = losses_and_z()
+    gs.backward(losses, backbone, gs.MGDA(solver="exact"), features=z)
+    assert len(calls) == 1  # only the update, from z into the backbone
+    for p, e in zip(heads, expected):
+        torch.testing.assert_close(p.grad, e + 1.0, atol=1e-6, rtol=1e-6)
 
 
 def test_sequence_losses_are_numbered(model):

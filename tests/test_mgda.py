@@ -39,6 +39,28 @@ def test_exact_solver_is_the_min_norm_point_of_an_independent_qp():
         assert ours @ gram @ ours <= ref @ gram @ ref * (1 + 1e-9) + 1e-12
 
 
+def test_warm_started_exact_solver_reaches_the_same_min_norm_point():
+    # CAGrad warm-starts Wolfe's method from a nearby problem's solution: from any start on
+    # the simplex (a vertex, a dense point, another Gramian's solution) it must end at the
+    # same min-norm point as a cold start; a start of the wrong shape or all zeros is ignored
+    rng = np.random.default_rng(1)
+    for gram in random_gramians(60, seed=1):
+        t = gram.shape[0]
+        cold = _min_norm.exact(gram)
+        near = _min_norm.exact(gram + 0.3 * np.diag(np.diag(gram)))  # a nearby problem
+        for start in (near, rng.dirichlet(np.ones(t)), np.eye(t)[t - 1], np.zeros(t), np.ones(1)):
+            warm = _min_norm.exact(gram, start=start)
+            assert warm.min() >= 0 and abs(warm.sum() - 1) < 1e-12
+            np.testing.assert_allclose(warm, cold, atol=1e-9)
+    g = np.array([1.0, 2.0, -1.0])
+    jac = np.stack([g, g, 2 * g, np.array([0.0, 1.0, 1.0])])  # singular: compare the points
+    gram = jac @ jac.T
+    cold = _min_norm.exact(gram)
+    for start in (np.full(4, 0.25), np.array([0.5, 0.5, 0.0, 0.0])):
+        warm = _min_norm.exact(gram, start=start)
+        assert abs(warm @ gram @ warm - cold @ gram @ cold) < 1e-12
+
+
 def test_frank_wolfe_gets_close_to_the_min_norm_but_not_always_within_1e_3():
     """Measured, not wished: on these scale-varied Gramians the authors' Frank-Wolfe (250
     iterations, tol 1e-5) lands within 1e-3 relative of the min norm on 97 of 100 and within

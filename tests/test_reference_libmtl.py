@@ -36,12 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
-import importlib.metadata
-import importlib.util
 import math
 import random
-import sys
 import types
 
 import numpy as np
@@ -50,56 +46,21 @@ import torch
 from torch import nn
 
 import gradsurgery as gs
+from gradsurgery._libmtl import INSTALL, weighting_module
 from gradsurgery.aggregators.pcgrad import project_weights
 
-LIBMTL_VERSION = "1.1.5"
-INSTALL = f"pip install --no-deps LibMTL=={LIBMTL_VERSION}"
 METHODS = ("PCGrad", "MGDA", "CAGrad", "GradVac", "IMTL", "GradDrop")
 RTOL = 1e-4
 
 
 def _load_libmtl_weightings() -> dict[str, types.ModuleType]:
-    """Import ``LibMTL.weighting.<name>`` for each of METHODS without running any ``__init__``.
-
-    Returns the modules by name; skips the whole file when LibMTL (exactly 1.1.5) is missing.
-    """
-    spec = importlib.util.find_spec("LibMTL")  # locates the package without executing it
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"LibMTL is not installed ({INSTALL})", allow_module_level=True)
+    """Import ``LibMTL.weighting.<name>`` for each of METHODS without running any ``__init__``
+    (``gradsurgery._libmtl``). Returns the modules by name; skips the whole file when LibMTL
+    (exactly 1.1.5) is missing or a module fails to import (e.g. scipy missing for CAGrad)."""
     try:
-        version = importlib.metadata.version("LibMTL")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    if version != LIBMTL_VERSION:
-        pytest.skip(
-            f"these cross-checks are written for LibMTL {LIBMTL_VERSION} (its kwargs, and the "
-            f"bugs shown here, differ on other versions); found {version}: {INSTALL}",
-            allow_module_level=True,
-        )
-    root = next(iter(spec.submodule_search_locations))
-
-    def ours(name: str) -> bool:
-        return name == "LibMTL" or name.startswith("LibMTL.")
-
-    saved = {k: v for k, v in sys.modules.items() if ours(k)}
-    try:
-        for k in saved:
-            del sys.modules[k]
-        package = types.ModuleType("LibMTL")
-        package.__path__ = [root]
-        weighting = types.ModuleType("LibMTL.weighting")
-        weighting.__path__ = [f"{root}/weighting"]
-        package.weighting = weighting
-        sys.modules["LibMTL"] = package
-        sys.modules["LibMTL.weighting"] = weighting
-        modules = {m: importlib.import_module(f"LibMTL.weighting.{m}") for m in METHODS}
-    except ImportError as error:  # e.g. scipy missing (CAGrad)
-        pytest.skip(f"cannot import LibMTL's weightings: {error!r}", allow_module_level=True)
-    finally:
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
-    return modules
+        return {m: weighting_module(m) for m in METHODS}
+    except ImportError as error:
+        pytest.skip(f"{error} ({INSTALL})", allow_module_level=True)
 
 
 LIBMTL = _load_libmtl_weightings()

@@ -21,6 +21,7 @@ from gradsurgery.distributed import (
 )
 from gradsurgery.engine import jacobian_blocks, reached_leaves
 from gradsurgery.engine.gramian import GramianPass, GramianUnsupported, gramian_pass
+from gradsurgery.engine.jacobian import loop_with_sums
 from gradsurgery.method import Chain, LossWeighting, Method
 
 __all__ = ["BACKWARD_STRATEGIES", "BackwardResult", "BackwardStrategy", "backward"]
@@ -276,7 +277,13 @@ def _combine(
     # features), then the weights scale the whole loss, every parameter included.
     whole_loss = method.requires == "gramian" and method.weights_task_parameters
     heads, targets = _split_parameters(live, params, features)
-    if heads and not whole_loss:  # task parameters: the plain gradient of the summed losses
+    resolved = _resolve_strategy(strategy, live[0], features, method)
+    # On the features, the loop's T backwards already run through every head: asking them for
+    # the heads' parameters too gives the heads' gradient of sum(losses) without a separate
+    # backward over all heads (measured 3 ms of a 20 ms plain step at T = 40).
+    heads_in_loop = features is not None and resolved == "loop" and bool(heads) and not whole_loss
+    if heads and not whole_loss and not heads_in_loop:
+        # task parameters: the plain gradient of the summed losses
         torch.autograd.backward(_sum(live), inputs=heads, retain_graph=True)
 
     needs_more_backward = (
@@ -284,7 +291,6 @@ def _combine(
         or whole_loss
         or (method.requires == "gramian" and update == "backward")
     )
-    resolved = _resolve_strategy(strategy, live[0], features, method)
     if distributed and resolved == "gramian":
         # G of the rank-averaged Jacobian is not the average of the ranks' Gramians: under a
         # process group the Jacobian itself is averaged (docs/distributed.md)
@@ -299,13 +305,23 @@ def _combine(
             resolved = "loop"
     pairs: list[tuple[Tensor, Tensor]] = []
     if engine is None:
-        blocks = jacobian_blocks(
-            live,
-            targets,
-            strategy=resolved,  # type: ignore[arg-type]
-            chunk_size=chunk_size,
-            retain_graph=retain_graph or needs_more_backward,
-        )
+        if heads_in_loop:
+            blocks, head_grads = loop_with_sums(
+                live,
+                targets,
+                heads,
+                reach=_reach(live, heads, features),
+                retain_graph=retain_graph or needs_more_backward,
+            )
+            _accumulate(heads, head_grads)
+        else:
+            blocks = jacobian_blocks(
+                live,
+                targets,
+                strategy=resolved,  # type: ignore[arg-type]
+                chunk_size=chunk_size,
+                retain_graph=retain_graph or needs_more_backward,
+            )
         pairs = [(p, b) for p, b in zip(targets, blocks) if b is not None]
         if distributed and features is None:  # J_full = mean over ranks of J_r, exactly
             all_reduce_mean_([b for _, b in pairs])
@@ -596,7 +612,24 @@ def _apply(
             features, grad_z.to(features.dtype), inputs=params, retain_graph=retain
         )
         return
-    for p, d in updates:
+    _accumulate([p for p, _ in updates], [d for _, d in updates])
+
+
+def _reach(live: list[Tensor], heads: list[Tensor], features: Tensor | None) -> list[list[int]]:
+    """For each loss, the indices of the ``heads`` it reaches (one graph walk per loss)."""
+    index = {id(p): k for k, p in enumerate(heads)}
+    out = []
+    for loss in live:
+        leaves, _ = reached_leaves([loss], stop_at=features)
+        out.append([index[id(p)] for p in leaves if id(p) in index])
+    return out
+
+
+def _accumulate(params: list[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """``p.grad += g`` as ``Tensor.backward`` would (``p.grad = g`` when there is none)."""
+    for p, d in zip(params, grads):
+        if d is None:
+            continue
         d = d.to(p.dtype)
         if p.grad is None:
             p.grad = d.contiguous()

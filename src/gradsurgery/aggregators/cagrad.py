@@ -226,10 +226,13 @@ def cagrad_inner(
     if n == 1:
         return np.ones(1), 0
 
+    previous: list[np.ndarray] = []  # the last solution warm-starts the next Wolfe solve
+
     def evaluate(log_k: float) -> tuple[float, np.ndarray]:
         k = math.exp(log_k)
         shifted = rows + g0 / k  # the points g_i + g_0 / k
-        lam = _min_norm.exact(shifted @ shifted.T)
+        lam = _min_norm.exact(shifted @ shifted.T, start=previous[-1] if previous else None)
+        previous[:] = [lam]
         norm = float(np.linalg.norm(lam @ rows))
         if norm <= 0.0:
             return -math.inf, lam

@@ -115,11 +115,42 @@ def _fill(pieces: list[Tensor | None], like: Tensor, step: int, n: int) -> Tenso
 
 
 def _loop(losses: Sequence[Tensor], inputs: Sequence[Tensor], retain: bool) -> list[Tensor | None]:
+    return loop_with_sums(losses, inputs, (), retain_graph=retain)[0]
+
+
+def loop_with_sums(
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    summed: Sequence[Tensor],
+    *,
+    reach: Sequence[Sequence[int]] | None = None,
+    retain_graph: bool = True,
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """The Jacobian on ``inputs`` by one backward per task (the ``"loop"`` strategy), and, from
+    the same backwards, the gradient of ``sum(losses)`` on ``summed`` (e.g. the task heads).
+
+    ``reach[i]`` lists the indices of the ``summed`` tensors loss i reaches (default: all);
+    each backward is only asked for those, which keeps ``torch.autograd.grad``'s per-input
+    overhead at a few inputs per task. Returns the blocks ``(T, *input.shape)`` (``None`` where
+    no loss reaches an input) and the summed gradients (``None`` where no loss reaches one).
+    """
     last = len(losses) - 1
-    rows = [
-        torch.autograd.grad(loss, list(inputs), retain_graph=retain or i < last, allow_unused=True)
-        for i, loss in enumerate(losses)
-    ]
+    n = len(inputs)
+    everything = range(len(summed))
+    rows: list[tuple[Tensor | None, ...]] = []
+    sums: list[Tensor | None] = [None] * len(summed)
+    for i, loss in enumerate(losses):
+        mine = everything if reach is None else reach[i]
+        grads = torch.autograd.grad(
+            loss,
+            [*inputs, *(summed[k] for k in mine)],
+            retain_graph=retain_graph or i < last,
+            allow_unused=True,
+        )
+        rows.append(grads[:n])
+        for k, g in zip(mine, grads[n:]):
+            if g is not None:
+                sums[k] = g if sums[k] is None else sums[k] + g
     out: list[Tensor | None] = []
     for k, inp in enumerate(inputs):
         column = [row[k] for row in rows]
@@ -127,4 +158,4 @@ def _loop(losses: Sequence[Tensor], inputs: Sequence[Tensor], retain: bool) -> l
             out.append(None)
         else:
             out.append(torch.stack([g if g is not None else torch.zeros_like(inp) for g in column]))
-    return out
+    return out, sums
