@@ -10,6 +10,7 @@ import torch
 
 import gradsurgery as gs
 from conftest import TwoLevelModel, grads, make_losses, per_task_jacobian
+from gradsurgery.aggregators import upgrad as upgrad_module
 from gradsurgery.aggregators.upgrad import UPGrad, dual_cone_weights
 
 
@@ -39,6 +40,36 @@ def project_on_dual_cone(jac: np.ndarray, x: np.ndarray) -> np.ndarray:
     nnls = pytest.importorskip("scipy.optimize").nnls
     lam = nnls(jac.T, -x, maxiter=50 * jac.shape[0])[0]
     return x + jac.T @ lam
+
+
+def test_principal_pivoting_equals_quadprog_on_every_projection():
+    # the fast LCP solver behind dual_cone_weights against quadprog's dual active-set method
+    # on the same QPs: min_{v >= u} v^T (G / tr G + reg I) v, for T up to 40, conflicting and
+    # scaled gradients, and preference vectors with negative entries
+    quadprog = pytest.importorskip("quadprog")
+    rng = np.random.default_rng(4)
+    for case in range(60):
+        t = (2, 3, 5, 10, 40)[case % 5]
+        jac = rng.normal(size=(t, t + 7)) + rng.normal(size=(1, t + 7)) * rng.uniform(-1, 1)
+        jac *= rng.uniform(0.01, 100, size=(t, 1))
+        g = jac @ jac.T
+        normalized = g / np.trace(g)
+        for reg in (1e-4, 1e-8):
+            h = normalized + reg * np.eye(t)
+            for u in (np.eye(t)[case % t] / t, rng.normal(size=t)):
+                ours = upgrad_module._principal_pivoting(h, u)
+                ref = upgrad_module._solve(quadprog, normalized, np.eye(t), u, reg)
+                assert ours is not None
+                assert np.all(ours >= u - 1e-12)
+                np.testing.assert_allclose(ours, ref, rtol=1e-7, atol=1e-9 * np.abs(u).max())
+
+
+def test_principal_pivoting_gives_up_cleanly():
+    # no convergence within the iteration cap, or a singular block: None (quadprog then runs)
+    h = np.array([[1.0, 2.0], [2.0, 1.0]])  # indefinite: not a P-matrix
+    assert upgrad_module._principal_pivoting(h, np.array([1.0, 1.0]), max_iter=0) is None
+    singular = np.ones((2, 2))  # both indices go free at once: a singular 2 x 2 solve
+    assert upgrad_module._principal_pivoting(singular, np.array([-1.0, -1.0])) is None
 
 
 def test_equals_the_mean_of_gradient_space_projections():
