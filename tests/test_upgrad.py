@@ -43,9 +43,9 @@ def project_on_dual_cone(jac: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def test_principal_pivoting_equals_quadprog_on_every_projection():
-    # the fast LCP solver behind dual_cone_weights against quadprog's dual active-set method
-    # on the same QPs: min_{v >= u} v^T (G / tr G + reg I) v, for T up to 40, conflicting and
-    # scaled gradients, and preference vectors with negative entries
+    # the batched LCP solver behind dual_cone_weights against quadprog's dual active-set
+    # method on the same QPs: min_{v >= u} v^T (G / tr G + reg I) v, for T up to 40,
+    # conflicting and scaled gradients, and preference vectors with negative entries
     quadprog = pytest.importorskip("quadprog")
     rng = np.random.default_rng(4)
     for case in range(60):
@@ -55,21 +55,33 @@ def test_principal_pivoting_equals_quadprog_on_every_projection():
         g = jac @ jac.T
         normalized = g / np.trace(g)
         for reg in (1e-4, 1e-8):
-            h = normalized + reg * np.eye(t)
-            for u in (np.eye(t)[case % t] / t, rng.normal(size=t)):
-                ours = upgrad_module._principal_pivoting(h, u)
+            us = np.vstack([np.eye(t) / t, rng.normal(size=(3, t))])
+            ours, done = upgrad_module._principal_pivoting(normalized + reg * np.eye(t), us)
+            assert done.all()
+            for v, u in zip(ours, us):
                 ref = upgrad_module._solve(quadprog, normalized, np.eye(t), u, reg)
-                assert ours is not None
-                assert np.all(ours >= u - 1e-12)
-                np.testing.assert_allclose(ours, ref, rtol=1e-7, atol=1e-9 * np.abs(u).max())
+                assert np.all(v >= u - 1e-12)
+                np.testing.assert_allclose(v, ref, rtol=1e-7, atol=1e-9 * np.abs(u).max())
 
 
-def test_principal_pivoting_gives_up_cleanly():
-    # no convergence within the iteration cap, or a singular block: None (quadprog then runs)
+def test_principal_pivoting_leaves_what_it_cannot_solve_to_quadprog(monkeypatch):
+    # no convergence within the iteration cap, or a singular block: the row is not done
     h = np.array([[1.0, 2.0], [2.0, 1.0]])  # indefinite: not a P-matrix
-    assert upgrad_module._principal_pivoting(h, np.array([1.0, 1.0]), max_iter=0) is None
+    _, done = upgrad_module._principal_pivoting(h, np.array([[1.0, 1.0]]), max_iter=0)
+    assert not done.any()
     singular = np.ones((2, 2))  # both indices go free at once: a singular 2 x 2 solve
-    assert upgrad_module._principal_pivoting(singular, np.array([-1.0, -1.0])) is None
+    _, done = upgrad_module._principal_pivoting(singular, np.array([[-1.0, -1.0], [1.0, 1.0]]))
+    assert not done[0]
+    # dual_cone_weights then solves those rows with quadprog and gets the same answer
+    pytest.importorskip("quadprog")
+    g = np.array([[2.0, -1.0, 0.5], [-1.0, 3.0, -2.0], [0.5, -2.0, 4.0]])
+    expected = dual_cone_weights(g, np.eye(3) / 3)
+    monkeypatch.setattr(
+        upgrad_module,
+        "_principal_pivoting",
+        lambda h, us, max_iter=None: (np.zeros_like(us), np.zeros(len(us), dtype=bool)),
+    )
+    np.testing.assert_allclose(dual_cone_weights(g, np.eye(3) / 3), expected, atol=1e-12)
 
 
 def test_equals_the_mean_of_gradient_space_projections():

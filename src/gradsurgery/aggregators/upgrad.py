@@ -48,9 +48,10 @@ def dual_cone_weights(
 
     By Proposition 1 of Quinton & Rey (2024), w = argmin_{v >= u} v^T G v with G = J J^T, a
     quadratic program on the T x T Gramian. With the ridge (``reg_eps > 0``) it is solved by
-    block principal pivoting on its complementarity conditions (:func:`_principal_pivoting`,
-    equal to quadprog's Goldfarb-Idnani solution to 1e-7 relative in the tests, 5x faster at
-    T = 40); quadprog solves it where that fails or ``reg_eps=0``. ``u`` is one vector (T,)
+    block principal pivoting on its complementarity conditions, all rows of ``u`` at once
+    (:func:`_principal_pivoting`, equal to quadprog's Goldfarb-Idnani solution to 1e-7
+    relative in the tests, several times faster at T = 40); quadprog solves the rows where
+    that fails, and every row when ``reg_eps=0``. ``u`` is one vector (T,)
     or a batch (k, T); the result has the same shape.
 
     As in torchjd's ``QuadprogProjector``: G is first divided by its trace ||J||_F^2 (replaced by
@@ -76,58 +77,71 @@ def dual_cone_weights(
     trace = float(np.trace(g))
     normalized = g / trace if trace > norm_eps and trace > 0.0 else np.zeros_like(g)
     eye = np.eye(n)
-    out = np.empty_like(batch)
-    quadprog = None
-    for k, row in enumerate(batch):
-        v = _principal_pivoting(normalized + reg_eps * eye, row) if reg_eps > 0 else None
-        if v is None:  # singular (reg_eps=0) or no convergence: quadprog, with its ridges
-            quadprog = quadprog or importlib.import_module("quadprog")
-            v = _solve(quadprog, normalized, eye, row, reg_eps)
-        out[k] = v
+    if reg_eps > 0:
+        out, solved = _principal_pivoting(normalized + reg_eps * eye, batch)
+    else:
+        out, solved = np.empty_like(batch), np.zeros(len(batch), dtype=bool)
+    if not solved.all():  # singular (reg_eps=0) or no convergence: quadprog, with its ridges
+        quadprog = importlib.import_module("quadprog")
+        for k in np.flatnonzero(~solved):
+            out[k] = _solve(quadprog, normalized, eye, batch[k], reg_eps)
     return out.reshape(np.shape(u))
 
 
-def _principal_pivoting(h: np.ndarray, u: np.ndarray, max_iter: int | None = None):
-    """argmin_{v >= u} v^T h v for a positive definite h, or None if it does not converge.
+def _principal_pivoting(
+    h: np.ndarray, us: np.ndarray, max_iter: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """argmin_{v >= u} v^T h v for each row u of ``us`` (k, T), h positive definite.
 
     With v = u + s the optimality conditions are the linear complementarity problem
     y = h s + h u, s >= 0, y >= 0, s^T y = 0, solved by block principal pivoting (Judice &
     Pires 1994, as in Kim & Park's NNLS): guess the free set F, solve h_FF s_F = -(h u)_F,
     and swap every index whose s or y is negative; after three swaps that fail to reduce the
     number of infeasible indices, swap only the largest one (Murty's rule, finite for
-    positive definite h). Typically 2-5 small solves, against about T active-set steps for
-    quadprog's dual method: 40 projections at T = 40 take about 2 ms instead of 10.
+    positive definite h). All k problems share h and advance together: one batched solve of
+    k T x T systems per iteration (the bound indices get identity rows), typically 2-4
+    iterations, against about T active-set steps per problem for quadprog's dual method.
+
+    Returns the solutions (k, T) and which rows converged (the others are left to quadprog).
     """
-    n = h.shape[0]
-    q = h @ u
-    scale = max(float(np.abs(q).max()), float(np.abs(h).max()) * float(np.abs(u).max()), 1e-300)
-    tol = 1e-13 * scale
-    free = np.zeros(n, dtype=bool)
-    s = np.zeros(n)
+    us = np.atleast_2d(us)
+    k, n = us.shape
+    q = us @ h  # h is symmetric: row p is h u_p
+    scale = np.maximum(np.abs(q).max(axis=1), np.abs(h).max() * np.abs(us).max(axis=1))
+    tol = 1e-13 * np.maximum(scale, 1e-300)[:, None]
+    free = np.zeros((k, n), dtype=bool)
+    s = np.zeros((k, n))
     y = q.copy()
-    best, chances = n + 1, 3
+    best = np.full(k, n + 1)
+    chances = np.full(k, 3)
+    done = np.zeros(k, dtype=bool)
+    eye = np.eye(n, dtype=bool)
     for _ in range(max_iter if max_iter is not None else 10 * n + 10):
         bad = (free & (s < -tol)) | (~free & (y < -tol))
-        count = int(bad.sum())
-        if count == 0:
-            return u + np.where(free, s, 0.0)
-        if count < best:
-            best, chances = count, 3
-            free ^= bad
-        elif chances > 0:
-            chances -= 1
-            free ^= bad
-        else:  # Murty's backup rule
-            j = int(np.flatnonzero(bad)[-1])
-            free[j] = not free[j]
-        s = np.zeros(n)
-        if free.any():
-            try:
-                s[free] = np.linalg.solve(h[np.ix_(free, free)], -q[free])
-            except np.linalg.LinAlgError:
-                return None
-        y = h @ s + q
-    return None
+        count = bad.sum(axis=1)
+        done = count == 0
+        if done.all():
+            break
+        live = ~done
+        better = live & (count < best)
+        best = np.where(better, count, best)
+        block = better | (live & (chances > 0))
+        chances = np.where(
+            better, 3, np.where(live & ~better & (chances > 0), chances - 1, chances)
+        )
+        flip = np.where(block[:, None], bad, False)
+        murty = np.flatnonzero(live & ~block)  # the largest infeasible index only
+        flip[murty, n - 1 - np.argmax(bad[murty, ::-1], axis=1)] = True
+        free ^= flip
+        f = free[live]
+        system = np.where(f[:, :, None] & f[:, None, :], h, 0.0) + (eye & ~f[:, :, None])
+        try:
+            solution = np.linalg.solve(system, np.where(f, -q[live], 0.0)[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:  # a singular block: leave these rows to quadprog
+            break
+        s[live] = solution
+        y[live] = solution @ h + q[live]
+    return us + np.where(free, s, 0.0), done
 
 
 def _solve(
