@@ -140,6 +140,13 @@ def backward(
             Gramian or Jacobian then bypasses the method and writes the non-finite equal-
             weights update). Gramians and solvers always run in float32 or wider.
 
+    Gradients computed from what is already in memory (the shared parameters' update with
+    ``update="jacobian"``, and the heads' gradient on the features path, taken from the
+    per-task backwards) are added into ``.grad`` directly, as ``Tensor.backward`` would
+    accumulate them, so hooks registered on those parameters (``register_hook``,
+    ``register_post_accumulate_grad_hook``) may not run for them; ``update="backward"`` and
+    loss-level methods deliver the shared update by an ordinary backward.
+
     Returns:
         A :class:`BackwardResult` with the weights used and the Gramian statistics.
 
