@@ -395,7 +395,6 @@ def test_auto_falls_back_to_the_loop_when_the_engine_fails(model, monkeypatch):
         raise RuntimeError("vmap: no batching rule")
 
     monkeypatch.setattr(backward_module, "gramian_pass", broken)
-    monkeypatch.setattr(backward_module, "_warned_gramian_fallback", False)
     reference = TwoLevelModel()
     reference.load_state_dict(model.state_dict())
     gs.backward(make_losses(reference), reference.backbone, gs.MGDA(), strategy="loop")
@@ -405,6 +404,32 @@ def test_auto_falls_back_to_the_loop_when_the_engine_fails(model, monkeypatch):
         torch.testing.assert_close(grads(model)[key], g)
     with pytest.raises(RuntimeError, match="batching rule"):
         gs.backward(make_losses(model), model.backbone, gs.MGDA(), strategy="gramian")
+
+
+def test_auto_remembers_an_engine_failure_per_model(monkeypatch):
+    # after the engine fails for a model, "auto" goes straight to the loop for that model
+    # (one warning, no more wasted attempts); another model still gets the engine
+    backward_module = importlib.import_module("gradsurgery.backward")
+    real = backward_module.gramian_pass
+    failing, working = TwoLevelModel(), TwoLevelModel()
+    calls = []
+
+    def flaky(losses, targets, **kwargs):
+        calls.append(targets[0])
+        if any(p is targets[0] for p in failing.backbone.parameters()):
+            raise RuntimeError("vmap: no batching rule")
+        return real(losses, targets, **kwargs)
+
+    monkeypatch.setattr(backward_module, "gramian_pass", flaky)
+    with pytest.warns(UserWarning, match="from now on"):
+        gs.backward(make_losses(failing), failing.backbone, gs.MGDA())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            gs.backward(make_losses(failing), failing.backbone, gs.MGDA())
+            gs.backward(make_losses(working), working.backbone, gs.MGDA())
+    assert sum(1 for p in calls if p is calls[0]) == 1  # the failing model: tried once
+    assert len(calls) == 3  # the working model: every step
 
 
 def test_explicit_gramian_strategy_refuses_jacobian_methods_and_features(model):

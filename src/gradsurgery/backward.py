@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from gradsurgery._linalg import gramian_from_blocks, normalized_gramian
 from gradsurgery.distributed import (
@@ -30,8 +31,9 @@ Update = Literal["jacobian", "backward"]
 BackwardStrategy = Literal["auto", "gramian", "batched", "loop"]
 BACKWARD_STRATEGIES: tuple[str, ...] = ("auto", "gramian", "batched", "loop")
 
-_gramian_ok = False  # the Gramian engine's vmapped backward has worked in this process
-_warned_gramian_fallback = False
+# Under strategy="auto": whether the Gramian engine worked (True) or failed (False) for the
+# shared parameters of a model, keyed by the first one reached (weakly: no model is kept alive)
+_engine_status: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -505,27 +507,31 @@ def _run_gramian(
 ) -> GramianPass | None:
     """The Gramian engine; under ``"auto"``, ``None`` (and one warning) where it fails.
 
-    Until the engine has worked once in the process, ``"auto"`` keeps the graph whatever the
-    caller asked: a vmap failure part-way through a backward may already have freed buffers
-    the fallback needs.
+    Under ``"auto"`` the outcome is remembered per model (by its first shared parameter):
+    after a failure the engine is not tried again for that model (the loop is used directly,
+    without the wasted partial backward), and until it has worked once for a model the graph
+    is kept whatever the caller asked, since a failure part-way through a backward may
+    already have freed buffers the fallback needs.
     """
-    global _gramian_ok, _warned_gramian_fallback
     if strategy == "gramian":
         return gramian_pass(live, targets, chunk_size=chunk_size, retain_graph=retain, keep=keep)
+    key = targets[0]
+    status = _engine_status.get(key)
+    if status is False:
+        return None
     try:
         engine = gramian_pass(
-            live, targets, chunk_size=chunk_size, retain_graph=retain or not _gramian_ok, keep=keep
+            live, targets, chunk_size=chunk_size, retain_graph=retain or not status, keep=keep
         )
     except (GramianUnsupported, RuntimeError) as err:
-        if not _warned_gramian_fallback:
-            warnings.warn(
-                f"the Gramian engine failed ({err}); falling back to one backward per task. "
-                "Pass strategy='loop' to silence this warning.",
-                stacklevel=3,
-            )
-            _warned_gramian_fallback = True
+        _engine_status[key] = False
+        warnings.warn(
+            f"the Gramian engine failed ({err}); falling back to one backward per task for "
+            "this model from now on. Pass strategy='loop' to silence this warning.",
+            stacklevel=3,
+        )
         return None
-    _gramian_ok = True
+    _engine_status[key] = True
     return engine
 
 
