@@ -44,6 +44,11 @@ How to run
     python benchmarks/step_speed.py --report benchmarks/results/step_speed_cpu.json \\
         --markdown docs/performance.md                      # tables from the merged json
 
+``--allocator tuned`` makes glibc's malloc keep freed memory (see :func:`tune_malloc`): large
+per-step tensors then stop page-faulting, which changes the ratios (``docs/performance.md``,
+"Page faults"); its tables are reported apart. ``tests/test_step_speed.py`` smoke-tests the
+script (no timing is asserted).
+
 Runs can be split (by model, T, method) to keep each command short: the json keeps every
 slice's rows, each with its own in-run baselines; ``--markdown`` rewrites the block between
 ``<!-- step_speed:begin -->`` and ``<!-- step_speed:end -->``.
