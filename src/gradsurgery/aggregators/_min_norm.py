@@ -69,7 +69,8 @@ def frank_wolfe(
     it = 0
     # G a is kept up to date instead of recomputed: a <- a + gamma (e_t - a) gives
     # G a <- (1 - gamma) G a + gamma G e_t; and since a stays on the simplex, the l1 move
-    # gamma ||e_t - a||_1 is 2 gamma (1 - a_t). Same iterates, a third of the work per step.
+    # gamma ||e_t - a||_1 is 2 gamma (1 - a_t). Same iterates up to rounding, one
+    # matrix-vector product fewer per iteration.
     grad = gramian @ alpha
     for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
         t = int(np.argmin(grad))
