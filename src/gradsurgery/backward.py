@@ -464,9 +464,9 @@ def _resolve_strategy(
     * A weighting (``requires == "gramian"``) on the shared parameters: the Gramian engine.
       Per step it runs each task's head once, the T tasks' activation gradients through the
       shared layers, and per layer the cheaper of two contractions, never the T x P
-      Jacobian. Measured on the CPU (benchmarks/step_speed.py, docs/performance.md): 1.2x
-      faster than the loop at T = 10 and 1.5x at T = 40 on the MLP, as fast at T = 2 and on
-      the CNN (whose convolutions take the per-task-block rule).
+      Jacobian. Measured on the CPU, 2 threads (benchmarks/step_speed.py,
+      docs/performance.md): 1.35x faster than the loop at T = 10 and 1.5x at T = 40 on the
+      MLP, as fast at T = 2 and on the CNN (whose convolutions take the per-task-block rule).
     * On the features, J only traverses the heads, where one vmapped backward pushes all T
       rows through every head (T^2 head passes): 40x slower than the loop at T = 40. Loop.
     * Methods that need J itself (GradDrop): on the CPU the vmapped backward is no faster
