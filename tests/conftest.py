@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +86,20 @@ def libmtl_weighting(name: str) -> types.ModuleType:
         return weighting_module(name)
     except ImportError as error:
         pytest.skip(str(error))
+
+
+def load_script(path: Path, name: str) -> types.ModuleType:
+    """Import a script of examples/ or benchmarks/ by its path, as module ``name``.
+
+    The module is registered in ``sys.modules`` before it runs (dataclasses look their module
+    up there); the caller pops it when done.
+    """
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module

@@ -7,7 +7,6 @@ heads, vocabulary 100), the data are synthetic token ids, and the hub is set off
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
 import os
 import sys
@@ -21,6 +20,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
 import gradsurgery as gs  # noqa: E402
+from conftest import load_script  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "hf_multitask.py"
 TASKS = ("sst", "para", "sts")
@@ -28,10 +28,7 @@ TASKS = ("sst", "para", "sts")
 
 @pytest.fixture(scope="module")
 def ex():
-    spec = importlib.util.spec_from_file_location("hf_multitask", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hf_multitask"] = module
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT, "hf_multitask")
     yield module
     sys.modules.pop("hf_multitask", None)
 

@@ -19,6 +19,7 @@ pl = pytest.importorskip(
 )
 
 import gradsurgery as gs  # noqa: E402
+from conftest import load_script  # noqa: E402
 from gradsurgery.integrations.lightning import MultiTaskModule  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -293,13 +294,7 @@ def test_checkpoint_holds_the_method_state(tmp_path):
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location(
-        "lightning_multitask", ROOT / "examples" / "lightning_multitask.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lightning_multitask"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "examples" / "lightning_multitask.py", "lightning_multitask")
 
 
 def test_example_explicit_pattern_equals_the_base_class():

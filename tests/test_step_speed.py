@@ -8,7 +8,6 @@ LibMTL contenders are skipped to keep it short.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,19 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_speed.py"
 
 
 @pytest.fixture(scope="module")
 def step_speed():
-    spec = importlib.util.spec_from_file_location("step_speed_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    module = load_script(SCRIPT, "step_speed_under_test")
+    yield module
+    sys.modules.pop("step_speed_under_test", None)
 
 
 def test_quick_run_and_report(step_speed, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
 from gradsurgery.datasets import mmoe_synthetic
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "mmoe_synthetic.py"
@@ -79,13 +79,8 @@ def test_bad_arguments():
 
 
 def test_benchmark_tiny_run_learns_something():
-    spec = importlib.util.spec_from_file_location("mmoe_synthetic_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
+    module = load_script(BENCHMARK, "mmoe_synthetic_benchmark")
+    del sys.modules["mmoe_synthetic_benchmark"]
     for name in module.MODELS:
         r = module.run(
             name, 0.9, 0, n_train=2000, n_test=500, epochs=3, batch_size=64, lr=3e-3, d=20

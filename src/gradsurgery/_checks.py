@@ -1,8 +1,11 @@
-"""Argument checks shared by the methods."""
+"""Argument checks shared by the methods, ``gs.backward`` and the diagnostics."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+
+from torch import Tensor, nn
 
 
 def check_number(
@@ -44,3 +47,21 @@ def require_sequence(value: object, name: str) -> None:
     """Raise ``TypeError`` naming ``name`` for a str/bytes or a non-iterable value."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(f"{name} must be a sequence or mapping of numbers, got {value!r}")
+
+
+def shared_parameters(shared: Iterable[Tensor] | nn.Module | Tensor) -> list[Tensor]:
+    """The tensors of ``shared`` (a module, an iterable of tensors or one tensor) that require
+    grad, deduplicated, in order; ``TypeError`` for a non-tensor item, ``ValueError`` if none."""
+    if isinstance(shared, Tensor):
+        shared = [shared]
+    items = shared.parameters() if isinstance(shared, nn.Module) else shared
+    params, seen = [], set()
+    for p in items:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"shared must hold tensors, got a {type(p).__name__}")
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    if not params:
+        raise ValueError("shared holds no tensor that requires grad")
+    return params

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from gradsurgery._checks import shared_parameters
 from gradsurgery._linalg import gramian_from_blocks, normalized_gramian
 from gradsurgery.distributed import (
     all_reduce_,
@@ -171,7 +172,7 @@ def backward(
         raise TypeError(
             f"method must be a gradsurgery Method (e.g. gs.PCGrad()), got {type(method).__name__}"
         )
-    params = _as_params(shared)
+    params = shared_parameters(shared)
     if features is not None and (not isinstance(features, Tensor) or not features.requires_grad):
         raise ValueError("features must be a tensor that requires grad (the shared output Z)")
 
@@ -322,7 +323,7 @@ def _combine(
                 reach=_reach(live, heads, features),
                 retain_graph=retain_graph or needs_more_backward,
             )
-            _accumulate(heads, head_grads)
+            _add_to_grad(heads, head_grads)
         else:
             blocks = jacobian_blocks(
                 live,
@@ -562,22 +563,6 @@ def _as_named(losses: Mapping[str, Tensor] | Sequence[Tensor]) -> tuple[tuple[st
     return tasks, tensors
 
 
-def _as_params(shared: Iterable[Tensor] | nn.Module) -> list[Tensor]:
-    if isinstance(shared, Tensor):
-        shared = [shared]
-    items = shared.parameters() if isinstance(shared, nn.Module) else shared
-    params, seen = [], set()
-    for p in items:
-        if not isinstance(p, Tensor):
-            raise TypeError(f"shared must hold tensors, got a {type(p).__name__}")
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    if not params:
-        raise ValueError("shared holds no tensor that requires grad")
-    return params
-
-
 def _split_parameters(
     live: list[Tensor], params: list[Tensor], features: Tensor | None
 ) -> tuple[list[Tensor], list[Tensor]]:
@@ -625,7 +610,7 @@ def _apply(
             features, grad_z.to(features.dtype), inputs=params, retain_graph=retain
         )
         return
-    _accumulate([p for p, _ in updates], [d for _, d in updates])
+    _add_to_grad([p for p, _ in updates], [d for _, d in updates])
 
 
 def _reach(live: list[Tensor], heads: list[Tensor], features: Tensor | None) -> list[list[int]]:
@@ -638,7 +623,7 @@ def _reach(live: list[Tensor], heads: list[Tensor], features: Tensor | None) -> 
     return out
 
 
-def _accumulate(params: list[Tensor], grads: Sequence[Tensor | None]) -> None:
+def _add_to_grad(params: list[Tensor], grads: Sequence[Tensor | None]) -> None:
     """``p.grad += g`` as ``Tensor.backward`` would (``p.grad = g`` when there is none)."""
     for p, d in zip(params, grads):
         if d is None:

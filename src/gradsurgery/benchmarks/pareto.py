@@ -253,9 +253,9 @@ def _nsga2(
 
 def plot_pareto(report: ParetoReport, path: Any) -> Any:
     """The front (first two objectives) with every run and each method's point; a PNG."""
-    from gradsurgery.benchmarks.plots import _pyplot
+    from gradsurgery._plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     pts = report.points()
     mask = report.front_mask()
     fig, ax = plt.subplots(figsize=(5.6, 4.6))

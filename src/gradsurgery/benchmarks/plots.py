@@ -14,27 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradsurgery._plotting import pyplot
 from gradsurgery.benchmarks.run import BASELINE, BenchmarkReport, RunResult
 
 __all__ = ["plot_report"]
 
-_INSTALL = "pip install 'gradsurgery[plot]'  (or: pip install matplotlib)"
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError(f"plots need matplotlib: {_INSTALL}") from e
-    return plt
-
 
 def plot_report(report: BenchmarkReport, out_dir: str | os.PathLike) -> list[Path]:
     """Write the three PNGs into ``out_dir`` and return their paths."""
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tasks = list(report.directions)

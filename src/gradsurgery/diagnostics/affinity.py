@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradsurgery._checks import shared_parameters
+
 __all__ = ["AffinityAccumulator", "lookahead_affinity"]
 
 LossesFn = Callable[[], Mapping[str, Tensor] | Sequence[Tensor]]
@@ -56,22 +58,6 @@ def _named(losses: Mapping[str, Tensor] | Sequence[Tensor]) -> dict[str, Tensor]
         if not isinstance(v, Tensor) or v.dim() != 0:
             raise ValueError(f"the loss of task {t!r} must be a scalar tensor")
     return out
-
-
-def _shared(shared: Iterable[Tensor] | nn.Module) -> list[Tensor]:
-    items = shared.parameters() if isinstance(shared, nn.Module) else shared
-    if isinstance(items, Tensor):
-        items = [items]
-    params, seen = [], set()
-    for p in items:
-        if not isinstance(p, Tensor):
-            raise TypeError(f"shared must hold tensors, got a {type(p).__name__}")
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    if not params:
-        raise ValueError("shared holds no tensor that requires grad")
-    return params
 
 
 @contextmanager
@@ -128,7 +114,7 @@ def lookahead_affinity(
     """
     if not callable(losses_fn):
         raise TypeError("losses_fn must be a callable returning the losses")
-    params = _shared(shared)
+    params = shared_parameters(shared)
     if isinstance(lr, bool) or not isinstance(lr, int | float):
         raise TypeError(f"lr must be a number, got {type(lr).__name__}")
     if not (math.isfinite(float(lr)) and lr > 0):

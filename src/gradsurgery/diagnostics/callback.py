@@ -65,7 +65,7 @@ from gradsurgery.diagnostics.gradient_stats import (
     pair_names,
 )
 from gradsurgery.diagnostics.triad import TragicTriadReport, TriadThresholds, tragic_triad
-from gradsurgery.training.callbacks import Callback, TensorBoardLogger
+from gradsurgery.training.callbacks import Callback, TensorBoardLogger, json_safe
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradsurgery.training.trainer import Trainer
@@ -502,7 +502,7 @@ class DiagnosticsCallback(Callback):
                 "steps": self._affinity.steps,
                 "convention": "matrix[i][j] = Z_{i->j}: task i's step, task j's loss",
             }
-        (out / "summary.json").write_text(json.dumps(_plain(summary), indent=1))
+        (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
         if self.plots:
             try:
                 self.plot(out)
@@ -549,7 +549,7 @@ class DiagnosticsCallback(Callback):
             path = Path(self._dir) / "diagnostics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
-                f.write(json.dumps(_plain(line)) + "\n")
+                f.write(json.dumps(json_safe(line)) + "\n")
         if self._writer is not None:
             step = int(line["step"])
             for group in ("grad_norm", "cosine", "phi", "curvature", "affinity"):
@@ -613,15 +613,3 @@ def _nanmean(x: Tensor) -> Tensor:
     total = torch.where(ok, x, torch.zeros_like(x)).sum(0)
     count = ok.sum(0)
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Tensor):
-        return _plain(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -19,20 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsurgery._plotting import pyplot
+
 __all__ = ["plot_affinity", "plot_cosine_heatmap", "plot_phi_curvature"]
-
-_INSTALL = "pip install 'gradsurgery[plot]'  (or: pip install matplotlib)"
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError(f"plots need matplotlib: {_INSTALL}") from e
-    return plt
 
 
 def _save(fig: Any, path: str | os.PathLike, plt: Any) -> Path:
@@ -59,7 +48,7 @@ def plot_cosine_heatmap(
 
     ``cosine`` is (N, P) over N recorded steps (NaN: not measured, drawn blank).
     """
-    plt = _pyplot()
+    plt = pyplot()
     cos = _values(cosine)
     st = _values(steps)
     if cos.dim() != 2 or cos.shape[1] != len(pairs) or cos.shape[0] != st.numel():
@@ -89,7 +78,7 @@ def plot_phi_curvature(
     path: str | os.PathLike,
 ) -> Path:
     """Phi per pair over training (left) and the normalized curvature kappa (right, if any)."""
-    plt = _pyplot()
+    plt = pyplot()
     ph = _values(phi)
     st = _values(steps).numpy()
     panels = 2 if curvature is not None and len(curvature_labels) else 1
@@ -125,7 +114,7 @@ def plot_affinity(
 
     With ``groups``, each group's tasks are listed under the plot.
     """
-    plt = _pyplot()
+    plt = pyplot()
     z = _values(affinity)
     n = len(tasks)
     if z.shape != (n, n):

@@ -66,7 +66,7 @@ class JsonlLogger(Callback):
     def _write(self, event: str, record: Mapping[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps({"event": event, **_plain(record)}) + "\n")
+            f.write(json.dumps({"event": event, **json_safe(record)}) + "\n")
 
     def on_step_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
         if record["step"] % self.every == 0:
@@ -225,14 +225,14 @@ def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: NaN/Inf become None, tensors become numbers/lists."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, Tensor):
-        return _plain(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
