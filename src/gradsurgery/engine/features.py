@@ -1,0 +1,231 @@
+"""Per-task gradients on the features Z from one backward, for heads that start with a linear layer.
+
+On the features path a method needs G_ij = <dL_i/dZ, dL_j/dZ> and then backpropagates
+v = sum_i w_i dL_i/dZ through the shared network. When every operation that reads Z is a
+matrix product Z W_c (``nn.Linear``, ``z @ W``; also on ``(..., d)`` inputs through their
+reshape) and each such product belongs to one task's head, the per-task gradient factors as
+
+    dL_i/dZ = sum_{c in head i} alpha_c D_c W_c^T,
+
+where D_c (N x out_c) is the gradient at product c's output and W_c (d x out_c) its right
+operand. One ordinary backward of sum_i L_i then gives every D_c (asked for as the gradient
+at c's output) together with the heads' own parameter gradients, instead of T backwards
+through the heads. With D = [D_c] (N x H) and W = [W_c] (d x H), H = sum_c out_c:
+
+* the Gramian is G = S^T ((D^T D) o (W^T W)) S, S the H x T map of columns to tasks
+  ((N + d) H^2 multiply-adds; the same identity as the ghost norm of Li et al., ICLR 2022,
+  arXiv:2110.05679, applied to the layer's input rather than its weight), or, when that is
+  dearer, from the materialised T x N x d gradients (N d H + T^2 N d);
+* the update is v = (D diag(s)) W^T with s_h = w_task(h) alpha_h: one matrix product.
+
+Anything else (an elementwise op on Z, a product shared by two tasks, Z on the right of a
+product) returns ``None`` before any backward runs, and the caller uses one backward per task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+from gradsurgery._linalg import gram_dtype, gramian_from_blocks
+
+__all__ = ["FeaturesPass", "features_pass"]
+
+# node name -> index of the edge to the left operand (the features) of the product
+_PRODUCTS = {"AddmmBackward0": 1, "MmBackward0": 0}
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+
+
+class FeaturesPass:
+    """The factored per-task gradients on Z: the Gramian, the Jacobian and the update.
+
+    Attributes:
+        gramian: G (T x T), accumulated as :func:`gradsurgery._linalg.gramian_from_blocks`
+            does (float32 for half precisions, float64 if float32 overflows).
+    """
+
+    def __init__(
+        self,
+        features: Tensor,
+        tasks: Tensor,
+        scales: Tensor,
+        outputs: Tensor,
+        weights: Tensor,
+        n_tasks: int,
+    ) -> None:
+        self._features = features
+        self._tasks = tasks  # (H,) task of each column
+        self._scales = scales  # (H,) alpha of each column
+        self._d = outputs  # N x H
+        self._w = weights  # d x H
+        self._t = n_tasks
+        self.gramian = self._gramian()
+
+    def jacobian(self) -> Tensor:
+        """The per-task gradients, materialised: ``(T, *features.shape)``."""
+        n, d = self._d.shape[0], self._w.shape[0]
+        flat = self._d.new_zeros((self._t, n, d))
+        scaled = self._d * self._scales.to(self._d.dtype)
+        for i in range(self._t):
+            cols = (self._tasks == i).nonzero().flatten()
+            if cols.numel():
+                flat[i] = scaled[:, cols] @ self._w[:, cols].T
+        return flat.view(self._t, *self._features.shape)
+
+    def update(self, weights: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``[(features, sum_i w_i dL_i/dZ)]``, one matrix product."""
+        if weights.shape != (self._t,):
+            raise ValueError(f"weights must have shape ({self._t},), got {tuple(weights.shape)}")
+        if self._d is None:
+            raise RuntimeError("this FeaturesPass was released")
+        col = weights.to(self._d)[self._tasks] * self._scales.to(self._d)
+        with torch.no_grad():
+            v = (self._d * col) @ self._w.T
+        return [(self._features, v.view(self._features.shape))]
+
+    def release(self) -> None:
+        """Drop the kept output gradients (the Gramian stays)."""
+        self._d = None  # type: ignore[assignment]
+        self._w = None  # type: ignore[assignment]
+
+    def _gramian(self) -> Tensor:
+        n, h = self._d.shape
+        d = self._w.shape[0]
+        t = self._t
+        if (n + d) * h * h > n * d * (h + t * t):
+            return gramian_from_blocks([self.jacobian().reshape(t, -1)])
+        dtype = gram_dtype(self._d.dtype)
+        gramian = self._ghost(dtype)
+        if dtype != torch.float64 and not bool(torch.isfinite(gramian).all()):
+            gramian = self._ghost(torch.float64)
+        return gramian
+
+    def _ghost(self, dtype: torch.dtype) -> Tensor:
+        d = self._d.to(dtype)
+        w = self._w.to(dtype)
+        s = self._scales.to(dtype)
+        cross = (d.T @ d) * (w.T @ w) * (s[:, None] * s[None, :])  # H x H
+        rows = cross.new_zeros((self._t, cross.shape[1])).index_add_(0, self._tasks, cross)
+        return rows.new_zeros((self._t, self._t)).index_add_(1, self._tasks, rows)
+
+
+def features_pass(
+    losses: Sequence[Tensor],
+    features: Tensor,
+    heads: Sequence[Tensor],
+    *,
+    retain_graph: bool = True,
+) -> tuple[FeaturesPass, list[Tensor | None]] | None:
+    """One backward of ``sum(losses)`` giving the factored per-task gradients on ``features``
+    and the heads' gradient of ``sum(losses)`` (returned, not written to ``.grad``).
+
+    ``None``, with no backward run, when some read of ``features`` is not a linear layer's
+    input owned by a single task (see the module docstring); the caller then loops.
+    """
+    products = _products(losses, features)
+    if products is None:
+        return None
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    edges = [GradientEdge(node, 0) for node, _, _, _ in products]
+    grads = torch.autograd.grad(
+        total,
+        [*heads, *edges],  # type: ignore[list-item]
+        retain_graph=retain_graph,
+        allow_unused=True,
+    )
+    head_grads = list(grads[: len(heads)])
+    outputs, weights, tasks, scales = [], [], [], []
+    for (_, task, w, alpha), g in zip(products, grads[len(heads) :]):
+        out = w.shape[1]
+        g = w.new_zeros((features.numel() // w.shape[0], out)) if g is None else g
+        outputs.append(g.reshape(-1, out))
+        weights.append(w)
+        tasks.extend([task] * out)
+        scales.extend([alpha] * out)
+    device = features.device
+    result = FeaturesPass(
+        features,
+        torch.tensor(tasks, device=device),
+        torch.tensor(scales, device=device),
+        torch.cat(outputs, dim=1),
+        torch.cat(weights, dim=1),
+        len(losses),
+    )
+    return result, head_grads
+
+
+def _products(
+    losses: Sequence[Tensor], features: Tensor
+) -> list[tuple[object, int, Tensor, float]] | None:
+    """Each matrix product reading ``features``: (node, the task that owns it, its right
+    operand W (d x out), its scale alpha); ``None`` if some read of Z is not such a product.
+
+    W is read here, before any backward can free the node's saved tensors.
+    """
+    if features.dim() < 2 or features.is_sparse:
+        return None
+    z_node = features.grad_fn
+    z_nr = features.output_nr
+
+    def is_z(child: object, nr: int) -> bool:
+        if z_node is not None:
+            return child is z_node and nr == z_nr
+        return getattr(child, "variable", None) is features
+
+    owner: dict[int, int] = {}  # id(node) -> task
+    keep: dict[int, object] = {}  # keeps node wrappers alive so ids stay unique
+    parents: dict[int, list[tuple[int, int]]] = {}  # id(node) -> [(id(parent), edge index)]
+    readers: dict[int, list[tuple[object, int]]] = {}  # task -> [(node, edge index)]
+    for task, loss in enumerate(losses):
+        if loss.grad_fn is None:
+            continue
+        seen: set[int] = set()
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            keep[id(node)] = node
+            if owner.setdefault(id(node), task) != task:
+                # a node two tasks reach: fine above the products, fatal at or below them
+                owner[id(node)] = -1
+            for k, (child, nr) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                if is_z(child, nr):
+                    readers.setdefault(task, []).append((node, k))
+                    continue
+                parents.setdefault(id(child), []).append((id(node), k))
+                if id(child) not in seen:
+                    stack.append(child)
+    found: list[tuple[object, int]] = []
+    for task, reads in readers.items():
+        for node, k in reads:
+            name = node.name()  # type: ignore[attr-defined]
+            if name in _RESHAPES:  # (..., d) input: the product reads its 2-D view
+                ups = set(parents.get(id(node), []))
+                if len(ups) != 1:
+                    return None
+                ((up, k),) = ups
+                node = keep[up]
+                name = node.name()  # type: ignore[attr-defined]
+            elif features.dim() != 2:
+                return None
+            if _PRODUCTS.get(name) != k or owner.get(id(node)) != task:
+                return None
+            found.append((node, task))
+    if not found or len({id(node) for node, _ in found}) != len(found):
+        return None  # no product, or one product reads Z twice
+    products = [
+        (node, task, node._saved_mat2, float(getattr(node, "_saved_alpha", 1)))  # type: ignore[attr-defined]
+        for node, task in found
+    ]
+    if len({w.shape[0] for _, _, w, _ in products}) > 1:
+        return None  # products read Z through views of different widths
+    return products
