@@ -65,17 +65,19 @@ def test_matches_the_loop(kind: str, shape: tuple[int, ...]) -> None:
     losses = model(z)
     heads = list(model.parameters())
     block, ref_heads = _loop_reference(losses, z, heads)
-    found = features_pass(losses, z, heads)
+    found = features_pass(losses, z, exclude=list(trunk.parameters()))
     assert found is not None
-    result, head_grads = found
+    result, found_heads, head_grads = found
+    assert {id(p) for p in found_heads} == {id(p) for p in heads}
+    by_id = {id(p): g for p, g in zip(found_heads, head_grads)}
     torch.testing.assert_close(result.gramian, gramian_from_blocks([block]), rtol=1e-10, atol=0)
     torch.testing.assert_close(result.jacobian(), block, rtol=1e-10, atol=1e-14)
     weights = torch.rand(t, dtype=torch.float64)
     ((target, update),) = result.update(weights)
     assert target is z
     torch.testing.assert_close(update, torch.tensordot(weights, block, dims=1))
-    for got, want in zip(head_grads, ref_heads):
-        torch.testing.assert_close(got, want)
+    for p, want in zip(heads, ref_heads):
+        torch.testing.assert_close(by_id[id(p)], want)
 
 
 def test_both_contractions_agree(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,7 +86,6 @@ def test_both_contractions_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     z = nn.Linear(6, 4).double()(torch.randn(5, 6, dtype=torch.float64))
     wide = [nn.Linear(4, 40).double() for _ in range(3)]
     losses = [(head(z) ** 2).mean() for head in wide]
-    params = [p for head in wide for p in head.parameters()]
     (block,) = jacobian_blocks(losses, [z], strategy="loop", retain_graph=True)
     ghost_calls = []
     original = features_module.FeaturesPass._ghost
@@ -93,7 +94,7 @@ def test_both_contractions_agree(monkeypatch: pytest.MonkeyPatch) -> None:
         "_ghost",
         lambda self, dtype: ghost_calls.append(dtype) or original(self, dtype),
     )
-    result, _ = features_pass(losses, z, params)
+    result, _, _ = features_pass(losses, z)
     assert ghost_calls == []  # (N + d) H^2 = 9 * 120^2 > N d (H + T^2) = 20 * 129
     torch.testing.assert_close(result.gramian, gramian_from_blocks([block]), rtol=1e-10, atol=0)
     assert torch.allclose(result._ghost(torch.float64), result.gramian, rtol=1e-10)
@@ -107,7 +108,8 @@ def test_scaled_product_and_leaf_features() -> None:
     b = torch.randn(2, dtype=torch.float64)
     losses = [torch.addmm(b, z, w, alpha=0.5 + i).pow(2).mean() for i, w in enumerate(ws)]
     (block,) = jacobian_blocks(losses, [z], strategy="loop", retain_graph=True)
-    result, head_grads = features_pass(losses, z, ws)
+    result, heads, head_grads = features_pass(losses, z)
+    assert [id(h) for h in heads] == [id(w) for w in ws]  # z is not a head, b needs no grad
     torch.testing.assert_close(result.gramian, gramian_from_blocks([block]), rtol=1e-10, atol=0)
     torch.testing.assert_close(result.jacobian(), block)
     for i, (g, w) in enumerate(zip(head_grads, ws)):
@@ -118,12 +120,12 @@ def test_scaled_product_and_leaf_features() -> None:
 def _refused(make_losses, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(3)
     z = nn.Linear(3, 4)(torch.randn(5, 3))
-    losses, heads = make_losses(z)
+    losses, _ = make_losses(z)
     calls = []
     real = torch.autograd.grad
     with monkeypatch.context() as patch:
         patch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
-        assert features_pass(losses, z, heads) is None
+        assert features_pass(losses, z) is None
     assert calls == []  # refused before any backward
 
 
@@ -165,8 +167,8 @@ def test_refuses_views_of_different_widths() -> None:
 
     torch.manual_seed(4)
     z3 = nn.Linear(3, 4)(torch.randn(2, 6, 3))
-    losses, heads = make(z3)
-    assert features_pass(losses, z3, heads) is None
+    losses, _ = make(z3)
+    assert features_pass(losses, z3) is None
 
 
 def _model(t: int = 5):
@@ -236,8 +238,36 @@ def test_bfloat16_gramian_in_float32() -> None:
     z = nn.Linear(4, 8)(torch.randn(16, 4)).bfloat16()
     heads = [nn.Linear(8, 2).bfloat16() for _ in range(3)]
     losses = [h(z).float().pow(2).mean() for h in heads]
-    params = [p for h in heads for p in h.parameters()]
-    result, _ = features_pass(losses, z, params)
+    result, _, _ = features_pass(losses, z)
     assert result.gramian.dtype == torch.float32
     (block,) = jacobian_blocks(losses, [z], strategy="loop", retain_graph=True)
     torch.testing.assert_close(result.gramian, gramian_from_blocks([block]), rtol=2e-2, atol=1e-6)
+
+
+def test_a_refusal_is_remembered_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heads that do not suit the pass: it is tried once per model, then the loop directly."""
+    calls = []
+    real = features_pass
+    monkeypatch.setattr(
+        _BACKWARD, "features_pass", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    x = torch.randn(10, 6)
+    for model in range(2):
+        trunk, heads = _model(3)
+        for _ in range(3):
+            z = trunk(x)
+            losses = [h(torch.tanh(z)).pow(2).mean() for h in heads]
+            gs.backward(losses, trunk, gs.MGDA(), features=z)
+        assert len(calls) == model + 1
+    z = trunk(x)  # the linear heads of the same model: still the loop, same result
+    gs.backward([h(z).pow(2).mean() for h in heads], trunk, gs.MGDA(), features=z)
+    assert len(calls) == 2
+
+
+def test_no_loss_reaching_the_features_is_still_an_error() -> None:
+    trunk, heads = _model(2)
+    x = torch.randn(4, 6)
+    z = trunk(x)
+    other = trunk(x)
+    with pytest.raises(ValueError, match="no loss reaches features"):
+        gs.backward([h(other).sum() for h in heads], trunk, gs.MGDA(), features=z)

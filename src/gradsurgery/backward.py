@@ -36,6 +36,9 @@ BACKWARD_STRATEGIES: tuple[str, ...] = ("auto", "gramian", "batched", "loop")
 # Under strategy="auto": whether the Gramian engine worked (True) or failed (False) for the
 # shared parameters of a model, keyed by the first one reached (weakly: no model is kept alive)
 _engine_status: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Under strategy="auto" with features: whether the heads suited the one-backward features pass
+# (engine/features.py), keyed by the first shared parameter; False: the loop from then on
+_features_status: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,13 @@ def backward(
             and per-task output gradients, never the T x P Jacobian; see
             :mod:`gradsurgery.engine.gramian`), ``"batched"`` (the Jacobian by one vmapped
             backward), ``"loop"`` (the Jacobian by one backward per task) or ``"auto"``: with
-            ``features``, the loop on the CPU (batched on accelerators); for weightings on
-            the shared parameters, the Gramian engine; for methods that need J (GradDrop),
-            the loop on the CPU and batched on accelerators. Where the Gramian engine or vmap
-            fails, ``"auto"`` falls back to the loop with one warning.
+            ``features``, for weightings whose heads each read Z through their own linear
+            layer (``nn.Linear``, ``z @ W``), one backward through the heads and the Gramian
+            from the factored per-task gradients (:mod:`gradsurgery.engine.features`), and
+            otherwise the loop; for weightings on the shared parameters, the Gramian engine;
+            for methods that need J (GradDrop), the loop on the CPU and batched on
+            accelerators. Where the Gramian engine or vmap fails, ``"auto"`` falls back to
+            the loop with one warning.
         chunk_size: with the batched and Gramian strategies, at most this many tasks per
             vmapped backward (bounds memory). ``None``: all tasks at once.
         update: for weightings, how ``J^T w`` reaches the shared parameters: ``"jacobian"``
@@ -146,10 +152,11 @@ def backward(
 
     Gradients computed from what is already in memory (the shared parameters' update with
     ``update="jacobian"``, and the heads' gradient on the features path, taken from the
-    per-task backwards) are added into ``.grad`` directly, as ``Tensor.backward`` would
-    accumulate them, so hooks registered on those parameters (``register_hook``,
-    ``register_post_accumulate_grad_hook``) may not run for them; ``update="backward"`` and
-    loss-level methods deliver the shared update by an ordinary backward.
+    backwards that give the per-task gradients on Z) are added into ``.grad`` directly, as
+    ``Tensor.backward`` would accumulate them, so hooks registered on those parameters
+    (``register_hook``, ``register_post_accumulate_grad_hook``) may not run for them;
+    ``update="backward"`` and loss-level methods deliver the shared update by an ordinary
+    backward.
 
     Returns:
         A :class:`BackwardResult` with the weights used and the Gramian statistics.
@@ -287,7 +294,6 @@ def _combine(
     # A gradient-informed loss weighting (GradNorm): G is measured on `shared` (or the
     # features), then the weights scale the whole loss, every parameter included.
     whole_loss = method.requires == "gramian" and method.weights_task_parameters
-    heads, targets = _split_parameters(live, params, features)
     resolved = _resolve_strategy(strategy, live[0], features, method)
     engine: GramianPass | FeaturesPass | None = None
     if (
@@ -295,15 +301,21 @@ def _combine(
         and strategy == "auto"
         and method.requires == "gramian"
         and not whole_loss
+        and _features_status.get(params[0]) is not False
     ):
         # heads that start with a linear layer: one backward gives the factored per-task
-        # gradients on Z and the heads' gradient (engine/features.py); else the loop
+        # gradients on Z and the heads' gradient (engine/features.py); else the loop, and
+        # for this model the loop from now on (the heads' structure does not change)
         found = features_pass(
-            live, features, heads, retain_graph=retain_graph or update == "backward"
+            live, features, exclude=params, retain_graph=retain_graph or update == "backward"
         )
+        _features_status[params[0]] = found is not None
         if found is not None:
-            engine, head_grads = found
+            engine, heads, head_grads = found
+            targets = [features]
             _add_to_grad(heads, head_grads)
+    if engine is None:
+        heads, targets = _split_parameters(live, params, features)
     # On the features, the loop's T backwards already run through every head: asking them for
     # the heads' parameters too gives the heads' gradient of sum(losses) without a separate
     # backward over all heads (measured 3 ms of a 20 ms plain step at T = 40).
@@ -484,7 +496,10 @@ def _resolve_strategy(
       docs/performance.md): 1.35x faster than the loop at T = 10 and 1.5x at T = 40 on the
       MLP, as fast at T = 2 and on the CNN (whose convolutions take the per-task-block rule).
     * On the features, J only traverses the heads, where one vmapped backward pushes all T
-      rows through every head (T^2 head passes): 40x slower than the loop at T = 40. Loop.
+      rows through every head (T^2 head passes): 40x slower than the loop at T = 40. Loop;
+      for a weighting whose heads each start with their own linear layer, ``_combine`` first
+      tries the one-backward features pass (engine/features.py; at T = 40 on the MLP it
+      takes a features step from 1.5x to 1.1-1.2x a plain step).
     * Methods that need J itself (GradDrop): on the CPU the vmapped backward is no faster
       than T plain backwards (2 threads, MLP 256-512-512-256: equal at T = 2 and 10, 25%
       slower at T = 40), so the loop; on an accelerator, batching the T rows into one

@@ -1,4 +1,4 @@
-"""Per-task gradients on the features Z from one backward, for heads that start with a linear layer.
+"""Per-task gradients on the features Z by one backward, when heads start with linear layers.
 
 On the features path a method needs G_ij = <dL_i/dZ, dL_j/dZ> and then backpropagates
 v = sum_i w_i dL_i/dZ through the shared network. When every operation that reads Z is a
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradsurgery._linalg import gram_dtype, gramian_from_blocks
 
@@ -115,19 +115,26 @@ class FeaturesPass:
 def features_pass(
     losses: Sequence[Tensor],
     features: Tensor,
-    heads: Sequence[Tensor],
     *,
+    exclude: Sequence[Tensor] = (),
     retain_graph: bool = True,
-) -> tuple[FeaturesPass, list[Tensor | None]] | None:
+) -> tuple[FeaturesPass, list[Tensor], list[Tensor | None]] | None:
     """One backward of ``sum(losses)`` giving the factored per-task gradients on ``features``
-    and the heads' gradient of ``sum(losses)`` (returned, not written to ``.grad``).
+    and the heads' gradient of ``sum(losses)``.
+
+    The heads are the leaf tensors the losses reach without passing through ``features``
+    (less ``exclude``, e.g. the shared parameters), in the order the graph walk finds them.
+    Returns ``(pass, heads, their gradients)``; the gradients are returned, not written to
+    ``.grad`` (``None`` for a head no loss reaches with a gradient).
 
     ``None``, with no backward run, when some read of ``features`` is not a linear layer's
     input owned by a single task (see the module docstring); the caller then loops.
     """
-    products = _products(losses, features)
+    leaves, products = _walk(losses, features)
     if products is None:
         return None
+    excluded = {id(t) for t in exclude}
+    heads = [leaf for leaf in leaves if id(leaf) not in excluded]
     total = losses[0]
     for loss in losses[1:]:
         total = total + loss
@@ -138,7 +145,6 @@ def features_pass(
         retain_graph=retain_graph,
         allow_unused=True,
     )
-    head_grads = list(grads[: len(heads)])
     outputs, weights, tasks, scales = [], [], [], []
     for (_, task, w, alpha), g in zip(products, grads[len(heads) :]):
         out = w.shape[1]
@@ -156,72 +162,90 @@ def features_pass(
         torch.cat(weights, dim=1),
         len(losses),
     )
-    return result, head_grads
+    return result, heads, list(grads[: len(heads)])
 
 
-def _products(
-    losses: Sequence[Tensor], features: Tensor
-) -> list[tuple[object, int, Tensor, float]] | None:
-    """Each matrix product reading ``features``: (node, the task that owns it, its right
-    operand W (d x out), its scale alpha); ``None`` if some read of Z is not such a product.
+_Product = tuple[object, int, Tensor, float]  # (node, owning task, W (d x out), alpha)
+
+
+def _walk(losses: Sequence[Tensor], features: Tensor) -> tuple[list[Tensor], list[_Product] | None]:
+    """One walk of each loss's graph down to ``features``: the leaves reached without passing
+    through it, and each matrix product reading it (``None`` if some read is not such a
+    product owned by one task, or if no loss reads it).
 
     W is read here, before any backward can free the node's saved tensors.
     """
-    if features.dim() < 2 or features.is_sparse:
-        return None
-    z_node = features.grad_fn
-    z_nr = features.output_nr
-
-    def is_z(child: object, nr: int) -> bool:
-        if z_node is not None:
-            return child is z_node and nr == z_nr
-        return getattr(child, "variable", None) is features
-
-    owner: dict[int, int] = {}  # id(node) -> task
-    keep: dict[int, object] = {}  # keeps node wrappers alive so ids stay unique
-    parents: dict[int, list[tuple[int, int]]] = {}  # id(node) -> [(id(parent), edge index)]
-    readers: dict[int, list[tuple[object, int]]] = {}  # task -> [(node, edge index)]
+    edge = get_gradient_edge(features)
+    z_node, z_nr = edge.node, edge.output_nr
+    leaves: list[Tensor] = []
+    leaf_ids: set[int] = set()
+    owner: dict[int, int] = {}  # id(node) -> the task whose walk reached it, -1 for several
+    edges: dict[int, tuple] = {}  # id(node) -> its next_functions (keeps the wrappers alive)
+    readers: list[tuple[object, int, int]] = []  # (node, edge index, task)
     for task, loss in enumerate(losses):
-        if loss.grad_fn is None:
+        root = loss.grad_fn
+        if root is None:  # a loss that is itself a leaf reaches only itself
+            if loss.requires_grad and id(loss) not in leaf_ids:
+                leaf_ids.add(id(loss))
+                leaves.append(loss)
             continue
         seen: set[int] = set()
-        stack = [loss.grad_fn]
+        stack = [root]
         while stack:
             node = stack.pop()
-            if id(node) in seen:
+            key = id(node)
+            if key in seen:
                 continue
-            seen.add(id(node))
-            keep[id(node)] = node
-            if owner.setdefault(id(node), task) != task:
-                # a node two tasks reach: fine above the products, fatal at or below them
-                owner[id(node)] = -1
-            for k, (child, nr) in enumerate(node.next_functions):
+            seen.add(key)
+            variable = getattr(node, "variable", None)
+            if variable is not None:  # AccumulateGrad: a leaf
+                if id(variable) not in leaf_ids:
+                    leaf_ids.add(id(variable))
+                    leaves.append(variable)
+                continue
+            if owner.setdefault(key, task) != task:
+                owner[key] = -1  # fine above the products, fatal at or below them
+            children = node.next_functions
+            edges[key] = (node, children)
+            for k, (child, nr) in enumerate(children):
                 if child is None:
                     continue
-                if is_z(child, nr):
-                    readers.setdefault(task, []).append((node, k))
-                    continue
-                parents.setdefault(id(child), []).append((id(node), k))
-                if id(child) not in seen:
+                if child is z_node and nr == z_nr:
+                    readers.append((node, k, task))
+                elif id(child) not in seen:
                     stack.append(child)
+    return leaves, _products(readers, owner, edges, features)
+
+
+def _products(
+    readers: list[tuple[object, int, int]],
+    owner: dict[int, int],
+    edges: dict[int, tuple],
+    features: Tensor,
+) -> list[_Product] | None:
+    if not readers or features.dim() < 2 or features.is_sparse:
+        return None
     found: list[tuple[object, int]] = []
-    for task, reads in readers.items():
-        for node, k in reads:
+    for node, k, task in readers:
+        name = node.name()  # type: ignore[attr-defined]
+        if name in _RESHAPES:  # (..., d) input: the product reads its 2-D view
+            ups = [
+                (parent, j)
+                for parent, children in edges.values()
+                for j, (child, _) in enumerate(children)
+                if child is node
+            ]
+            if len(ups) != 1:
+                return None
+            ((node, k),) = ups
             name = node.name()  # type: ignore[attr-defined]
-            if name in _RESHAPES:  # (..., d) input: the product reads its 2-D view
-                ups = set(parents.get(id(node), []))
-                if len(ups) != 1:
-                    return None
-                ((up, k),) = ups
-                node = keep[up]
-                name = node.name()  # type: ignore[attr-defined]
-            elif features.dim() != 2:
-                return None
-            if _PRODUCTS.get(name) != k or owner.get(id(node)) != task:
-                return None
-            found.append((node, task))
-    if not found or len({id(node) for node, _ in found}) != len(found):
-        return None  # no product, or one product reads Z twice
+        elif features.dim() != 2:
+            return None
+        if _PRODUCTS.get(name) != k or owner.get(id(node)) != task:
+            return None
+        found.append((node, task))
+    if len({id(node) for node, _ in found}) != len(found):
+        return None  # one product reads Z twice
     products = [
         (node, task, node._saved_mat2, float(getattr(node, "_saved_alpha", 1)))  # type: ignore[attr-defined]
         for node, task in found
