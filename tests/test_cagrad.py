@@ -40,7 +40,34 @@ def inner_weights(final: np.ndarray) -> np.ndarray:
     return (final - 1.0 / t) / (final.sum() - 1.0)
 
 
-def test_inner_solver_matches_scipy_slsqp():
+# the routes of cagrad_inner: the default chain (the active-set search from every task,
+# then the homotopy, then root finding); the homotopy alone in front of root finding; root
+# finding ended early by the active-set search from a Wolfe solve's support; root finding
+# alone
+SOLVER_ROUTES = ("default", "homotopy", "root_and_support", "root_only")
+
+
+@pytest.fixture(params=SOLVER_ROUTES)
+def route(request, monkeypatch):
+    from gradsurgery.aggregators import cagrad as module
+
+    real = module.active_set
+    if request.param != "default":
+        monkeypatch.setattr(
+            module,
+            "active_set",
+            lambda rows, dots, radius, start=None: (
+                None
+                if start is None or request.param != "root_and_support"
+                else real(rows, dots, radius, start=start)
+            ),
+        )
+    if request.param in ("root_and_support", "root_only"):
+        monkeypatch.setattr(module, "homotopy", lambda *args, **kwargs: None)
+    return request.param
+
+
+def test_inner_solver_matches_scipy_slsqp(route):
     """The reference code's solver (SLSQP from uniform w), tightened, never beats ours."""
     optimize = pytest.importorskip("scipy.optimize")
     gaps = []
@@ -64,7 +91,7 @@ def test_inner_solver_matches_scipy_slsqp():
     assert max(gaps) < 1e-8  # ours is at least as good (up to rounding) on every problem
 
 
-def test_strong_duality_certifies_the_update():
+def test_strong_duality_certifies_the_update(route):
     """max_{||d - g0|| <= c||g0||} min_i g_i . d equals the dual optimum: d is the primal optimum.
 
     Weak duality gives min_i g_i . d <= F(w) for every feasible d and w, so equality (zero gap)
@@ -328,3 +355,83 @@ def test_matches_torchjd_cagrad():
         # (Clarabel's weights can be off the simplex by ~1e-10, which lowers its objective by
         # about that much: hence the 1e-9 slack.)
         assert mine <= other + 1e-9 * gram.abs().max().item()
+
+
+def _root_only(module, monkeypatch, rows, g0, radius):
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "active_set", lambda *args, **kwargs: None)
+        patch.setattr(module, "homotopy", lambda *args, **kwargs: None)
+        slow, _ = module.cagrad_inner(rows, g0, radius)
+    return slow
+
+
+def test_fast_routes_answer_and_agree_with_root_finding(monkeypatch):
+    """The active-set search from every task must answer most full-rank problems with a
+    shared direction (the common case in training) and the homotopy almost every problem;
+    wherever either answers, it gives the root finding's update."""
+    from gradsurgery.aggregators import cagrad as module
+
+    counts = {"active_set": 0, "shared": 0, "homotopy": 0, "all": 0}
+    for k, jac in enumerate(random_jacobians(60, seed=5)):
+        gram = jac @ jac.T
+        full_rank_shared = k % 2 == 1 and jac.shape[1] >= jac.shape[0]
+        for c in (0.1, 0.4, 2.0):
+            rows = module.gramian_factor(gram / np.max(np.diag(gram)), 1e-12)
+            g0 = rows.mean(axis=0)
+            radius = c * np.linalg.norm(g0)
+            dots = rows @ g0
+            fast = {"active_set": module.active_set(rows, dots, radius)}
+            fast["homotopy"] = module.homotopy(rows, dots, radius)
+            slow = _root_only(module, monkeypatch, rows, g0, radius)
+            counts["all"] += 1
+            counts["shared"] += full_rank_shared
+            counts["active_set"] += full_rank_shared and fast["active_set"] is not None
+            counts["homotopy"] += fast["homotopy"] is not None
+            for w in fast.values():
+                if w is not None:
+                    assert slow is not None
+                    d_fast, d_slow = w @ rows, slow @ rows
+                    assert np.linalg.norm(d_fast - d_slow) <= 1e-7 * np.linalg.norm(d_slow)
+    assert counts["homotopy"] >= 0.95 * counts["all"], counts
+    assert counts["active_set"] >= 0.2 * counts["shared"], counts
+
+
+def test_active_set_answers_gradients_that_mostly_agree():
+    """T up to 40 gradients around a common direction (cosines mostly positive): the
+    active-set search from every task answers in one or a few solves."""
+    from gradsurgery.aggregators import cagrad as module
+
+    rng = np.random.default_rng(11)
+    for t in (2, 10, 40):
+        common = rng.normal(size=300)
+        jac = common * rng.uniform(0.5, 2.0, size=(t, 1)) + 0.3 * rng.normal(size=(t, 300))
+        gram = jac @ jac.T
+        rows = module.gramian_factor(gram / np.max(np.diag(gram)), 1e-12)
+        g0 = rows.mean(axis=0)
+        assert module.active_set(rows, rows @ g0, 0.4 * np.linalg.norm(g0)) is not None
+
+
+def test_closed_form_on_a_wrong_support_fails_the_optimality_check():
+    """Dropping an active task from the optimal support gives a point the KKT check rejects,
+    so the search can only stop at the optimum."""
+    from gradsurgery.aggregators import cagrad as module
+
+    rng = np.random.default_rng(7)
+    rows = np.eye(4, 6) + 0.1 * rng.normal(size=(4, 6))  # nearly orthogonal: all active
+    rows /= np.linalg.norm(rows, axis=1).max()
+    g0 = rows.mean(axis=0)
+    radius = 0.4 * np.linalg.norm(g0)
+    dots = rows @ g0
+    w = module.active_set(rows, dots, radius)
+    assert w is not None
+    support = np.flatnonzero(w > 0)
+    assert support.size >= 2
+    _, w_ok, grad, level = module._closed_form(rows, dots, radius, support, 1e-10)
+    assert module._optimal(grad, level, w_ok > 0, 1e-10)
+    for drop in range(support.size):
+        wrong = np.delete(support, drop)
+        found = module._closed_form(rows, dots, radius, wrong, 1e-10)
+        if found is None or found[1] is None:
+            continue  # no stationary point there, or negative weights: rejected as well
+        _, w_bad, grad, level = found
+        assert not module._optimal(grad, level, w_bad > 0, 1e-10)
