@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -280,7 +281,13 @@ def cagrad_inner(
     return w, int(state["solves"])  # type: ignore[call-overload]
 
 
-def _root(rows, radius, evaluate, done, max_iter: int) -> np.ndarray | None:  # noqa: ANN001
+def _root(
+    rows: np.ndarray,
+    radius: float,
+    evaluate: Callable[[float], tuple[float, np.ndarray]],
+    done: Callable[[], bool],
+    max_iter: int,
+) -> np.ndarray | None:
     """Illinois false position on f(log k) = log(k ||g_w(k)|| / radius), stopped early once
     ``done()`` (the closed form on a support found the optimum)."""
     max_norm = float(np.linalg.norm(rows, axis=1).max())
@@ -474,9 +481,9 @@ def _kkt(rows: np.ndarray, dots: np.ndarray, radius: float, w: np.ndarray, tol: 
     return _optimal(grad, float(w @ grad), w > 0.0, tol)
 
 
-def _closed_form(  # noqa: ANN202
+def _closed_form(
     rows: np.ndarray, dots: np.ndarray, radius: float, idx: np.ndarray, tol: float
-):
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, float | None] | None:
     """(w_S, w, gradient, lambda) of the stationary point on support ``idx`` (see
     :func:`active_set`); w, gradient and lambda are ``None`` when w_S has an entry
     below -``tol`` (entries above it are clipped to 0); ``None`` when G_SS is singular or no
