@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import gradsurgery as gs
 import gradsurgery.engine.jacobian as jacobian_module
 from conftest import TwoLevelModel, make_losses, per_task_jacobian
 from gradsurgery._linalg import (
@@ -15,6 +16,7 @@ from gradsurgery._linalg import (
     wide_product,
 )
 from gradsurgery.engine import compute_gramian, gramian_rules, jacobian_blocks, reached_leaves
+from gradsurgery.method import Weighting
 
 
 class ConvModel(nn.Module):
@@ -112,6 +114,41 @@ def test_wide_product_equals_the_plain_product(columns, threads, monkeypatch):
     torch.testing.assert_close(wide_product(a), a @ a.T)
     strided = torch.randn(columns, 7, generator=g, dtype=torch.float64).T
     torch.testing.assert_close(wide_product(strided, a), strided @ a.T)
+
+
+def _blas_threads() -> list[int]:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_one_blas_thread_limits_numpy_blas_and_restores_it():
+    import gradsurgery._linalg as linalg
+
+    before = _blas_threads()
+    if not any(n > 1 for n in before):
+        pytest.skip("NumPy's BLAS is single-threaded here: nothing to limit")
+    with linalg.one_blas_thread():
+        assert _blas_threads() == [1] * len(before)
+    assert _blas_threads() == before
+
+
+def test_backward_runs_the_solver_on_one_blas_thread():
+    """The weighting's T x T work runs with NumPy's BLAS on one thread, restored after."""
+    before = _blas_threads()
+    if not any(n > 1 for n in before):
+        pytest.skip("NumPy's BLAS is single-threaded here: nothing to limit")
+    seen = []
+
+    class Recording(Weighting):
+        def forward(self, gramian, losses=None, tasks=None):
+            seen.append(_blas_threads())
+            return torch.full((gramian.shape[0],), 1.0 / gramian.shape[0])
+
+    model = TwoLevelModel()
+    losses = make_losses(model)
+    gs.backward(losses, model.backbone, Recording())
+    assert seen == [[1] * len(before)]
+    assert _blas_threads() == before
 
 
 def test_half_precision_blocks_give_float32_gramian():

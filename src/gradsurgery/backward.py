@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from gradsurgery._checks import shared_parameters
-from gradsurgery._linalg import gramian_from_blocks, normalized_gramian
+from gradsurgery._linalg import gramian_from_blocks, normalized_gramian, one_blas_thread
 from gradsurgery.distributed import (
     all_reduce_,
     all_reduce_mean_,
@@ -370,17 +370,18 @@ def _combine(
             gramian = engine.gramian
         else:
             gramian = gramian_from_blocks([b for _, b in pairs])
-            if distributed and features is not None:
-                # rank r holds dL_r/dZ_r of its own mean loss; the full batch's loss is the
-                # mean of the L_r, so its Gramian on Z is sum_r G_r / R^2 (exact)
-                gramian = all_reduce_(gramian.clone(), "sum") / world_size() ** 2
+        if distributed and features is not None:
+            # rank r holds dL_r/dZ_r of its own mean loss; the full batch's loss is the
+            # mean of the L_r, so its Gramian on Z is sum_r G_r / R^2 (exact)
+            gramian = all_reduce_(gramian.clone(), "sum") / world_size() ** 2
         if scale is not None:  # the losses were scaled by s: G by s^2
             gramian = gramian / scale.to(gramian.dtype) ** 2
         if scale is not None and not bool(torch.isfinite(gramian).all()):
             # float16 overflow: GradScaler will skip this step; keep the method out of it
             weights = gramian.new_ones(len(keep))
         else:
-            weights = method(gramian, live_values.to(gramian.dtype), present)
+            with one_blas_thread():  # T x T work; see _linalg.one_blas_thread
+                weights = method(gramian, live_values.to(gramian.dtype), present)
         _check_weights(weights, len(keep), method)
         weights = weights.detach()
         if pre_weights is not None:
