@@ -78,6 +78,14 @@ def test_matches_the_loop(kind: str, shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(update, torch.tensordot(weights, block, dims=1))
     for p, want in zip(heads, ref_heads):
         torch.testing.assert_close(by_id[id(p)], want)
+    result.release()
+    assert result.gramian is not None  # the Gramian stays
+    with pytest.raises(RuntimeError, match="released"):
+        result.update(weights)
+    with pytest.raises(RuntimeError, match="released"):
+        result.jacobian()
+    with pytest.raises(ValueError, match="shape"):
+        result.update(weights[:-1])
 
 
 def test_both_contractions_agree(monkeypatch: pytest.MonkeyPatch) -> None:

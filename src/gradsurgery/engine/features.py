@@ -66,6 +66,8 @@ class FeaturesPass:
 
     def jacobian(self) -> Tensor:
         """The per-task gradients, materialised: ``(T, *features.shape)``."""
+        if self._d is None:
+            raise RuntimeError("this FeaturesPass was released")
         n, d = self._d.shape[0], self._w.shape[0]
         flat = self._d.new_zeros((self._t, n, d))
         scaled = self._d * self._scales.to(self._d.dtype)
