@@ -67,18 +67,25 @@ def frank_wolfe(
     if n == 2:
         return alpha, 0
     it = 0
-    # G a is kept up to date instead of recomputed: a <- a + gamma (e_t - a) gives
-    # G a <- (1 - gamma) G a + gamma G e_t; and since a stays on the simplex, the l1 move
-    # gamma ||e_t - a||_1 is 2 gamma (1 - a_t). Same iterates up to rounding, one
-    # matrix-vector product fewer per iteration.
+    # G a and a^T G a are kept up to date instead of recomputed: a <- a + gamma (e_t - a)
+    # gives G a <- (1 - gamma) G a + gamma G e_t and a^T G a <- (1 - gamma)^2 a^T G a +
+    # 2 gamma (1 - gamma) (G a)_t + gamma^2 G_tt; and since a stays on the simplex, the l1
+    # move gamma ||e_t - a||_1 is 2 gamma (1 - a_t). Same iterates up to rounding, with no
+    # matrix-vector product and fewer allocations per iteration (in place; rows of the
+    # symmetric G stand for its columns). Measured on the benchmark MLP's Gramians at
+    # T = 40 (250 iterations; old and new alternated, medians of 200 calls): 3.3 -> 1.9-2.0 ms.
     grad = gramian @ alpha
+    quad = float(alpha @ grad)
     for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
-        t = int(np.argmin(grad))
-        a_t = float(alpha[t])
-        gamma = line_solver(gramian[t, t], grad[t], float(alpha @ grad))
-        alpha *= 1.0 - gamma
+        t = int(grad.argmin())
+        a_t, g_t, g_tt = float(alpha[t]), float(grad[t]), float(gramian[t, t])
+        gamma = line_solver(g_tt, g_t, quad)
+        keep = 1.0 - gamma
+        quad = keep * keep * quad + 2.0 * gamma * keep * g_t + gamma * gamma * g_tt
+        alpha *= keep
         alpha[t] += gamma
-        grad = (1.0 - gamma) * grad + gamma * gramian[:, t]
+        grad *= keep
+        grad += gamma * gramian[t]
         if 2.0 * gamma * (1.0 - a_t) < tol:
             break
     return alpha, it
