@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -246,11 +247,10 @@ def cagrad_inner(
 
     ``rows`` holds the gradients of the tasks in the problem (in any orthonormal coordinates:
     only inner products matter), scaled so the largest norm is about 1; ``g0`` the mean
-    gradient in the same coordinates. Solved by root finding on k (see :class:`CAGrad`);
-    first, and after each Wolfe solve from the support that solve found, the active-set
-    search of :func:`active_set` is tried, which ends the search as soon as it finds a
-    support whose closed-form point passes the optimality conditions. Returns the weights
-    and the number of Wolfe solves (0: the first active-set search answered).
+    gradient in the same coordinates. Tries :func:`active_set` from every task, then
+    :func:`homotopy`, then root finding on k (see :class:`CAGrad`), where after each Wolfe
+    solve the active-set search restarted from that solve's support may end the search.
+    Returns the weights and the number of Wolfe solves (0 when a fast route answered).
     """
     n = rows.shape[0]
     if n == 1:
@@ -261,24 +261,32 @@ def cagrad_inner(
         direct = homotopy(rows, dots, radius)
     if direct is not None:
         return direct, 0
-    state: dict[str, object] = {"start": None, "solves": 0, "done": None}
+    search = _Search()
 
     def evaluate(log_k: float) -> tuple[float, np.ndarray]:
         k = math.exp(log_k)
         shifted = rows + g0 / k  # the points g_i + g_0 / k
-        lam = _min_norm.exact(shifted @ shifted.T, start=state["start"])  # type: ignore[arg-type]
-        state["start"] = lam  # warm-starts the next solve
-        state["solves"] = int(state["solves"]) + 1  # type: ignore[call-overload]
+        lam = _min_norm.exact(shifted @ shifted.T, start=search.start)
+        search.start = lam  # warm-starts the next solve
+        search.solves += 1
         norm = float(np.linalg.norm(lam @ rows))
         if norm <= 0.0:
             return -math.inf, lam
-        state["done"] = active_set(rows, dots, radius, start=lam > 0.0)
+        search.done = active_set(rows, dots, radius, start=lam > 0.0)
         return math.log(k * norm / radius), lam
 
-    w = _root(rows, radius, evaluate, lambda: state["done"] is not None, max_iter)
-    if state["done"] is not None:
-        w = state["done"]  # type: ignore[assignment]
-    return w, int(state["solves"])  # type: ignore[call-overload]
+    w = _root(rows, radius, evaluate, lambda: search.done is not None, max_iter)
+    return (w if search.done is None else search.done), search.solves
+
+
+@dataclass
+class _Search:
+    """The root finding's state: the last Wolfe solution (the next one's warm start), the
+    number of solves, and the optimum once an active-set search found it."""
+
+    start: np.ndarray | None = None
+    solves: int = 0
+    done: np.ndarray | None = None
 
 
 def _root(
