@@ -25,7 +25,7 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
     right after a torch step, torch's OpenMP threads are still spinning on the cores, and a
     multi-threaded OpenBLAS call then waits for them: measured in a training loop (CPU, 2
     cores, T = 40), CAGrad's solver took 1-17 ms per call (median 3.8) with OpenBLAS's 2
-    threads and 1.2-1.4 ms with one. The limit is set on entry and restored on exit
+    threads and 0.8-1.6 ms with one. The limit is set on entry and restored on exit
     (``threadpoolctl``; the controller is built once, on first use; 10 us per use), so
     nothing process-wide changes; without ``threadpoolctl`` this does nothing.
     """
