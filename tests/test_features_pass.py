@@ -227,6 +227,15 @@ def test_backward_auto_uses_it_and_matches_the_loop(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_released_pass_has_no_gramian_to_compute() -> None:
+    z = nn.Linear(3, 4)(torch.randn(5, 3))
+    heads = [nn.Linear(4, 1) for _ in range(2)]
+    result, _, _ = features_pass([h(z).sum() for h in heads], z)
+    result.release()
+    with pytest.raises(RuntimeError, match="released"):
+        _ = result.gramian
+
+
 def test_backward_falls_back_to_the_loop_for_other_heads() -> None:
     """A head that applies an elementwise op to z first: the loop, same result as 'loop'."""
     trunk, heads = _model(3)

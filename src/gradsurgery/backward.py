@@ -305,7 +305,9 @@ def _combine(
     ):
         # heads that start with a linear layer: one backward gives the factored per-task
         # gradients on Z and the heads' gradient (engine/features.py); else the loop, and
-        # for this model the loop from now on (the heads' structure does not change)
+        # for this model the loop from now on (the heads' structure does not change).
+        # (GradDrop, which needs J on Z, stays on the loop: materialising J from the
+        # factors measured no faster, 2.08x against 2.04x a plain step at T = 40.)
         found = features_pass(
             live, features, exclude=params, retain_graph=retain_graph or update == "backward"
         )

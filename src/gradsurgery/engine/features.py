@@ -24,6 +24,7 @@ product) returns ``None`` before any backward runs, and the caller uses one back
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -42,9 +43,9 @@ _RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBack
 class FeaturesPass:
     """The factored per-task gradients on Z: the Gramian, the Jacobian and the update.
 
-    Attributes:
-        gramian: G (T x T), accumulated as :func:`gradsurgery._linalg.gramian_from_blocks`
-            does (float32 for half precisions, float64 if float32 overflows).
+    ``gramian`` is G (T x T), accumulated as :func:`gradsurgery._linalg.gramian_from_blocks`
+    does (float32 for half precisions, float64 if float32 overflows); it is computed on
+    first access, and stays after :meth:`release` once computed.
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class FeaturesPass:
         outputs: Tensor,
         weights: Tensor,
         n_tasks: int,
+        counts: list[int],
     ) -> None:
         self._features = features
         self._tasks = tasks  # (H,) task of each column
@@ -62,20 +64,36 @@ class FeaturesPass:
         self._d = outputs  # N x H
         self._w = weights  # d x H
         self._t = n_tasks
-        self.gramian = self._gramian()
+        self._counts = counts  # columns per task (a host list: no device sync to read it)
+
+    @functools.cached_property
+    def gramian(self) -> Tensor:
+        """G (T x T); computed on first access."""
+        return self._gramian()
 
     def jacobian(self) -> Tensor:
         """The per-task gradients, materialised: ``(T, *features.shape)``."""
         if self._d is None:
             raise RuntimeError("this FeaturesPass was released")
         n, d = self._d.shape[0], self._w.shape[0]
-        flat = self._d.new_zeros((self._t, n, d))
+        t = self._t
         scaled = self._d * self._scales.to(self._d.dtype)
-        for i in range(self._t):
-            cols = (self._tasks == i).nonzero().flatten()
-            if cols.numel():
-                flat[i] = scaled[:, cols] @ self._w[:, cols].T
-        return flat.view(self._t, *self._features.shape)
+        # the columns are grouped by task, in task order (features_pass builds them so)
+        counts = self._counts
+        if len(set(counts)) == 1:  # equal widths: one batched product
+            k = counts[0]
+            left = scaled.view(n, t, k).transpose(0, 1)  # T x N x k
+            right = self._w.view(d, t, k).permute(1, 2, 0)  # T x k x d
+            flat = torch.bmm(left, right)
+        else:
+            flat = self._d.new_zeros((t, n, d))
+            start = 0
+            for i, k in enumerate(counts):
+                if k:
+                    cols = slice(start, start + k)
+                    flat[i] = scaled[:, cols] @ self._w[:, cols].T
+                start += k
+        return flat.view(t, *self._features.shape)
 
     def update(self, weights: Tensor) -> list[tuple[Tensor, Tensor]]:
         """``[(features, sum_i w_i dL_i/dZ)]``, one matrix product."""
@@ -94,6 +112,8 @@ class FeaturesPass:
         self._w = None  # type: ignore[assignment]
 
     def _gramian(self) -> Tensor:
+        if self._d is None:
+            raise RuntimeError("this FeaturesPass was released before its Gramian was read")
         n, h = self._d.shape
         d = self._w.shape[0]
         t = self._t
@@ -163,6 +183,7 @@ def features_pass(
         torch.cat(outputs, dim=1),
         torch.cat(weights, dim=1),
         len(losses),
+        [tasks.count(i) for i in range(len(losses))],
     )
     return result, heads, list(grads[: len(heads)])
 
