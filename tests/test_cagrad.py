@@ -426,12 +426,11 @@ def test_closed_form_on_a_wrong_support_fails_the_optimality_check():
     assert w is not None
     support = np.flatnonzero(w > 0)
     assert support.size >= 2
-    _, w_ok, grad, level = module._closed_form(rows, dots, radius, support, 1e-10)
-    assert module._optimal(grad, level, w_ok > 0, 1e-10)
+    _, w_ok = module._closed_form(rows, dots, radius, support, 1e-10)
+    assert module._kkt(rows, dots, radius, w_ok, 1e-10)
     for drop in range(support.size):
         wrong = np.delete(support, drop)
         found = module._closed_form(rows, dots, radius, wrong, 1e-10)
         if found is None or found[1] is None:
             continue  # no stationary point there, or negative weights: rejected as well
-        _, w_bad, grad, level = found
-        assert not module._optimal(grad, level, w_bad > 0, 1e-10)
+        assert not module._kkt(rows, dots, radius, found[1], 1e-10)

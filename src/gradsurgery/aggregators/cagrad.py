@@ -378,15 +378,17 @@ def active_set(
         seen.add(key)
         idx = np.flatnonzero(support)
         found = _closed_form(rows, dots, radius, idx, tol)
-        if found is None:  # no stationary point on S: drop its task best aligned with g_0
-            if idx.size <= 1:
+        if found is not None and found[1] is None:  # negative weights: drop those tasks
+            support[idx[found[0] < -tol]] = False
+            continue
+        w = None if found is None else found[1]
+        gradient = None if w is None else _gradient(rows, dots, radius, w)
+        if w is None or gradient is None:  # no stationary point on S: drop its task best
+            if idx.size <= 1:  # aligned with g_0
                 return None
             support[idx[int(np.argmax(dots[idx]))]] = False
             continue
-        w_s, w, grad, level = found
-        if w is None:
-            support[idx[w_s < -tol]] = False
-            continue
+        grad, level = gradient
         if _optimal(grad, level, w > 0.0, tol):
             return w
         outside = np.where(support, np.inf, grad)
@@ -418,13 +420,10 @@ def homotopy(
     t_high = math.inf
     for _ in range(4 * n):
         idx = np.array(support)
-        try:
-            sol = np.linalg.solve(
-                gram[np.ix_(idx, idx)], np.stack([np.ones(idx.size), dots[idx]], axis=1)
-            )
-        except np.linalg.LinAlgError:
+        solved = _support_solve(gram[np.ix_(idx, idx)], dots[idx])
+        if solved is None:
             return None
-        p, q = sol[:, 0], sol[:, 1]
+        p, q = solved
         a, c = float(p.sum()), float(q.sum())
         if not a > 0.0:
             return None
@@ -481,29 +480,45 @@ def _last_root(alpha: float, beta: float, gamma: float, low: float, high: float)
 
 
 def _kkt(rows: np.ndarray, dots: np.ndarray, radius: float, w: np.ndarray, tol: float) -> bool:
+    gradient = _gradient(rows, dots, radius, w)
+    return gradient is not None and _optimal(*gradient, w > 0.0, tol)
+
+
+def _gradient(
+    rows: np.ndarray, dots: np.ndarray, radius: float, w: np.ndarray
+) -> tuple[np.ndarray, float] | None:
+    """The objective's gradient b + r G w / ||g_w|| at w and lambda = w . gradient (the
+    multiplier of 1^T w = 1); ``None`` where g_w = 0 (no gradient)."""
     g_w = w @ rows
     norm = float(np.linalg.norm(g_w))
     if norm <= 0.0:
-        return False
+        return None
     grad = dots + radius * (rows @ g_w) / norm
-    return _optimal(grad, float(w @ grad), w > 0.0, tol)
+    return grad, float(w @ grad)
+
+
+def _support_solve(gram_ss: np.ndarray, dots_s: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """p = G_SS^{-1} 1 and q = G_SS^{-1} b_S (one solve), or ``None`` if G_SS is singular."""
+    try:
+        sol = np.linalg.solve(gram_ss, np.stack([np.ones(dots_s.size), dots_s], axis=1))
+    except np.linalg.LinAlgError:
+        return None
+    return sol[:, 0], sol[:, 1]
 
 
 def _closed_form(
     rows: np.ndarray, dots: np.ndarray, radius: float, idx: np.ndarray, tol: float
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, float | None] | None:
-    """(w_S, w, gradient, lambda) of the stationary point on support ``idx`` (see
-    :func:`active_set`); w, gradient and lambda are ``None`` when w_S has an entry
-    below -``tol`` (entries above it are clipped to 0); ``None`` when G_SS is singular or no
-    such point exists."""
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(w_S, w) of the stationary point on support ``idx`` (see :func:`active_set`); w is
+    ``None`` when w_S has an entry below -``tol`` (entries above it are clipped to 0);
+    ``None`` when G_SS is singular or no such point exists."""
     if idx.size == 0 or idx.size > rows.shape[1]:
         return None
     sub = rows[idx]
-    try:
-        sol = np.linalg.solve(sub @ sub.T, np.stack([np.ones(idx.size), dots[idx]], axis=1))
-    except np.linalg.LinAlgError:
+    solved = _support_solve(sub @ sub.T, dots[idx])
+    if solved is None:
         return None
-    p, q = sol[:, 0], sol[:, 1]
+    p, q = solved
     a, c, e = float(p.sum()), float(q.sum()), float(dots[idx] @ q)
     disc = c * c - a * e + a * radius * radius
     if not (a > 0.0 and disc > 0.0 and math.isfinite(disc)):
@@ -511,16 +526,10 @@ def _closed_form(
     root = math.sqrt(disc)
     w_s = ((c + root) / a * p - q) / root
     if w_s.min() < -tol:
-        return w_s, None, None, None
+        return w_s, None
     w = np.zeros(rows.shape[0])
     w[idx] = np.maximum(w_s, 0.0)
-    w /= w.sum()
-    g_w = w @ rows
-    norm = float(np.linalg.norm(g_w))
-    if norm <= 0.0:
-        return None
-    grad = dots + radius * (rows @ g_w) / norm  # the objective's gradient
-    return w_s, w, grad, float(w @ grad)  # lambda, the multiplier of 1^T w = 1
+    return w_s, w / w.sum()
 
 
 def _optimal(grad: np.ndarray, level: float, support: np.ndarray, tol: float) -> bool:
