@@ -393,7 +393,7 @@ def test_fast_routes_answer_and_agree_with_root_finding(monkeypatch):
                     d_fast, d_slow = w @ rows, slow @ rows
                     assert np.linalg.norm(d_fast - d_slow) <= 1e-7 * np.linalg.norm(d_slow)
     assert counts["homotopy"] >= 0.95 * counts["all"], counts
-    assert counts["active_set"] >= 0.2 * counts["shared"], counts
+    assert counts["active_set"] >= 0.95 * counts["shared"], counts  # measured: all of them
 
 
 def test_active_set_answers_gradients_that_mostly_agree():
