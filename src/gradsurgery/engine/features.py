@@ -49,22 +49,19 @@ class FeaturesPass:
     """
 
     def __init__(
-        self,
-        features: Tensor,
-        tasks: Tensor,
-        scales: Tensor,
-        outputs: Tensor,
-        weights: Tensor,
-        n_tasks: int,
-        counts: list[int],
+        self, features: Tensor, counts: list[int], scales: Tensor, outputs: Tensor, weights: Tensor
     ) -> None:
         self._features = features
-        self._tasks = tasks  # (H,) task of each column
+        # the columns are grouped by task, in task order: counts[i] columns for task i (a host
+        # list, read without a device sync), hence each column's task
+        self._counts = counts
+        self._t = len(counts)
+        self._tasks = torch.repeat_interleave(torch.arange(self._t), torch.tensor(counts)).to(
+            features.device
+        )
         self._scales = scales  # (H,) alpha of each column
         self._d = outputs  # N x H
         self._w = weights  # d x H
-        self._t = n_tasks
-        self._counts = counts  # columns per task (a host list: no device sync to read it)
 
     @functools.cached_property
     def gramian(self) -> Tensor:
@@ -78,7 +75,6 @@ class FeaturesPass:
         n, d = self._d.shape[0], self._w.shape[0]
         t = self._t
         scaled = self._d * self._scales.to(self._d.dtype)
-        # the columns are grouped by task, in task order (features_pass builds them so)
         counts = self._counts
         if len(set(counts)) == 1:  # equal widths: one batched product
             k = counts[0]
@@ -152,6 +148,8 @@ def features_pass(
     ``None``, with no backward run, when some read of ``features`` is not a linear layer's
     input owned by a single task (see the module docstring); the caller then loops.
     """
+    if features.dim() < 2 or features.is_sparse:
+        return None
     leaves, products = _walk(losses, features)
     if products is None:
         return None
@@ -167,23 +165,21 @@ def features_pass(
         retain_graph=retain_graph,
         allow_unused=True,
     )
-    outputs, weights, tasks, scales = [], [], [], []
-    for (_, task, w, alpha), g in zip(products, grads[len(heads) :]):
+    outputs, weights, scales = [], [], []
+    counts = [0] * len(losses)
+    for (_, task, w, alpha), g in zip(products, grads[len(heads) :]):  # in task order
         out = w.shape[1]
         g = w.new_zeros((features.numel() // w.shape[0], out)) if g is None else g
         outputs.append(g.reshape(-1, out))
         weights.append(w)
-        tasks.extend([task] * out)
+        counts[task] += out
         scales.extend([alpha] * out)
-    device = features.device
     result = FeaturesPass(
         features,
-        torch.tensor(tasks, device=device),
-        torch.tensor(scales, device=device),
+        counts,
+        torch.tensor(scales, device=features.device),
         torch.cat(outputs, dim=1),
         torch.cat(weights, dim=1),
-        len(losses),
-        [tasks.count(i) for i in range(len(losses))],
     )
     return result, heads, list(grads[: len(heads)])
 
@@ -246,7 +242,7 @@ def _products(
     edges: dict[int, tuple],
     features: Tensor,
 ) -> list[_Product] | None:
-    if not readers or features.dim() < 2 or features.is_sparse:
+    if not readers:
         return None
     found: list[tuple[object, int]] = []
     for node, k, task in readers:
@@ -267,6 +263,8 @@ def _products(
         if _PRODUCTS.get(name) != k or owner.get(id(node)) != task:
             return None
         found.append((node, task))
+    found.sort(key=lambda item: item[1])  # task order (the walk's order already; FeaturesPass
+    # derives each column's task from this order)
     if len({id(node) for node, _ in found}) != len(found):
         return None  # one product reads Z twice
     products = [
