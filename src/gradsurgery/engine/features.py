@@ -155,9 +155,7 @@ def features_pass(
         return None
     excluded = {id(t) for t in exclude}
     heads = [leaf for leaf in leaves if id(leaf) not in excluded]
-    total = losses[0]
-    for loss in losses[1:]:
-        total = total + loss
+    total = sum(losses[1:], start=losses[0])
     edges = [GradientEdge(node, 0) for node, _, _, _ in products]
     grads = torch.autograd.grad(
         total,
